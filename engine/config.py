@@ -1,0 +1,79 @@
+"""Typed configuration of a Flamingo model, loaded and saved in one place."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class VisionConfig:
+    # "efficientnet-lite0" (offline default), "tiny" (random, for tests) or a Hugging Face
+    # vision model id / local path (CLIPVisionModel, SiglipVisionModel, ...).
+    name: str = "efficientnet-lite0"
+    image_size: int = 224
+
+
+@dataclass
+class ResamplerConfig:
+    dim: int | None = None  # working width; None keeps the vision feature width (OpenFlamingo)
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    num_latents: int = 64
+    ff_mult: int = 4
+    max_frames: int = 8  # learned time embeddings; longer videos are sampled down to this
+
+
+@dataclass
+class CrossAttentionConfig:
+    every_n_layers: int = 4  # a gated block before decoder layers n-1, 2n-1, ... (as OpenFlamingo)
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    only_last_media: bool = True  # the paper's default: a token sees only the last media before it
+    # The paper applies the gated dense layer to every token. False skips it for tokens that
+    # have seen no media yet, so text-only input is answered exactly by the frozen LM.
+    dense_on_text_only: bool = True
+    p_next: float = 0.0  # training ablation: attend to the next media with this probability
+
+
+@dataclass
+class FlamingoConfig:
+    lm: str = "smollm2"  # "smollm2" (built-in GGUF), an HF id, a local path or a .gguf file
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    train_new_token_embeddings: bool = True  # <image> and <EOC> embeddings are trainable
+    media_token: str = "<image>"
+    eoc_token: str = "<EOC>"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FlamingoConfig":
+        return _build(cls, d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FlamingoConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_NESTED = {"vision": VisionConfig, "resampler": ResamplerConfig, "cross_attention": CrossAttentionConfig}
+
+
+def _build(cls, d: dict[str, Any]):
+    """Build a dataclass from a dict, naming unknown keys instead of ignoring them."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(known)}")
+    kwargs = {k: (_build(_NESTED[k], v) if k in _NESTED and cls is FlamingoConfig else v) for k, v in d.items()}
+    return cls(**kwargs)

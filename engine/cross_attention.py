@@ -1,0 +1,140 @@
+"""GATED XATTN-DENSE: text tokens cross-attend to visual tokens, then a dense layer, each scaled
+by tanh(alpha) with alpha initialised to 0, so a fresh block is the identity (paper, Fig. 4).
+
+Which media a token sees travels as an argument (`media_index`), never as state on the module,
+so one model instance can serve concurrent calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CrossAttentionConfig
+from .layers import FeedForward, merge_heads, split_heads
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class MediaContext:
+    """Per-call cross-attention inputs; created for each forward (or each generated turn).
+
+    visual:      (B, N, R, d_visual) resampled tokens of every media item of the sequence so far
+    media_index: (B, L) for each input token, the index in N of the media it sees
+                 (the last <image> at or before it); -1 before the first media
+    kv:          keys/values of `visual` per gated block, filled on first use so a decoding
+                 loop projects the media once per turn, not once per token
+    """
+
+    visual: torch.Tensor
+    media_index: torch.Tensor
+    only_last: bool = True
+    kv: dict[int, KV] = field(default_factory=dict)
+
+    def with_index(self, media_index: torch.Tensor) -> "MediaContext":
+        """The same media (and cached keys/values) for the next chunk of tokens."""
+        return MediaContext(self.visual, media_index, self.only_last, self.kv)
+
+
+class MaskedCrossAttention(nn.Module):
+    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def project_media(self, visual: torch.Tensor) -> KV:
+        """(B, N, R, d_visual) -> keys and values, each (B, heads, N*R, dh)"""
+        b, n, r, d = visual.shape
+        k, v = self.to_kv(visual.reshape(b, n * r, d)).chunk(2, dim=-1)
+        return split_heads(k, self.heads), split_heads(v, self.heads)
+
+    def forward(self, x: torch.Tensor, kv: KV, media_index: torch.Tensor, num_latents: int, only_last: bool) -> torch.Tensor:
+        """
+        x:           (B, L, dim) text hidden states
+        kv:          keys, values (B, heads, N*R, dh) from `project_media`
+        media_index: (B, L) media each token sees; -1 = none
+        returns      (B, L, dim), exactly zero for tokens that see no media
+        """
+        q = split_heads(self.to_q(self.norm(x)), self.heads)  # (B, h, L, dh)
+        k, v = kv
+        n = k.shape[-2] // num_latents
+        seen = media_index >= 0  # (B, L)
+        if only_last and _one_media_per_row(media_index):
+            # Decoding and most prompt chunks: every token of a row sees the same media, so
+            # attend to its R tokens only; cost stays flat in the number of media.
+            idx = media_index[:, 0].clamp(min=0)
+            k, v = _gather_media(k, idx, num_latents), _gather_media(v, idx, num_latents)
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            key_media = torch.arange(n, device=x.device).repeat_interleave(num_latents)  # (N*R,)
+            token_media = media_index[:, :, None]
+            allowed = (key_media == token_media) if only_last else (key_media <= token_media)
+            allowed = allowed | ~seen[:, :, None]  # keep softmax finite; zeroed below
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        out = self.to_out(merge_heads(out))
+        return out * seen[..., None].to(out.dtype)
+
+
+def _one_media_per_row(media_index: torch.Tensor) -> bool:
+    return bool((media_index == media_index[:, :1]).all())
+
+
+def _gather_media(t: torch.Tensor, idx: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, h, N*R, dh), idx (B,) -> (B, h, R, dh): the R keys (or values) of one media per row."""
+    b, h, _, dh = t.shape
+    t = t.view(b, h, -1, r, dh)
+    return t[torch.arange(b, device=t.device), :, idx]
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """x = x + tanh(a_attn) * xattn(x, visual);  x = x + tanh(a_ff) * ffw(x)"""
+
+    def __init__(self, dim: int, dim_visual: int, config: CrossAttentionConfig):
+        super().__init__()
+        self.config = config
+        self.attn = MaskedCrossAttention(dim, dim_visual, config.heads, config.dim_head)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = FeedForward(dim, config.ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, media: MediaContext, block_id: int) -> torch.Tensor:
+        """x: (B, L, dim) -> (B, L, dim)"""
+        if block_id not in media.kv:
+            media.kv[block_id] = self.attn.project_media(media.visual.to(x.dtype))
+        r = media.visual.shape[-2]
+        x = x + self.attn_gate.tanh() * self.attn(x, media.kv[block_id], media.media_index, r, media.only_last)
+        ff = self.ff(x)
+        if not self.config.dense_on_text_only:
+            ff = ff * (media.media_index >= 0)[..., None].to(ff.dtype)
+        return x + self.ff_gate.tanh() * ff
+
+
+def media_index_from_ids(input_ids: torch.Tensor, media_token_id: int, offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """(B, L) token ids -> (B, L) index of the last media token at or before each position.
+
+    `offset` (int or (B,)) counts media already seen in an earlier chunk (a KV-cached prefix).
+    """
+    count = (input_ids == media_token_id).cumsum(dim=-1)
+    if isinstance(offset, torch.Tensor):
+        offset = offset.to(count.device)[:, None]
+    return count + offset - 1
+
+
+def sample_next_media(media_index: torch.Tensor, num_media: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The paper's p_next ablation: each text span (tokens sharing a media index) switches to
+    the next media item with probability p, when there is one. num_media: (B,)."""
+    if p <= 0:
+        return media_index
+    b = media_index.shape[0]
+    n_max = int(num_media.max()) + 1
+    flip = torch.rand(b, n_max + 1, generator=generator, device=media_index.device) < p  # one draw per span
+    span = (media_index + 1).clamp(min=0)  # span id: 0 = before the first media
+    moved = torch.where(flip.gather(1, span), media_index + 1, media_index)
+    return torch.where(moved < num_media[:, None], moved, media_index)

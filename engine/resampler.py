@@ -1,0 +1,92 @@
+"""Perceiver Resampler: a media item of any number of frames -> a fixed number of visual tokens.
+
+Follows the paper's pseudo-code (Alayrac et al., 2022, Fig. 5):
+
+    x_f = x_f + time_embeddings          # [T, S, d]
+    x_f = flatten(x_f)                   # [T * S, d]
+    for each layer:
+        x = x + attention(q=x, kv=concat([x_f, x]))
+        x = x + ffw(x)
+
+Each media item (an image, T = 1, or a video's T frames) is resampled on its own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ResamplerConfig
+from .layers import FeedForward, merge_heads, split_heads
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to concat(media features, latents)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """
+        media:   (B, M, T*S, d) flattened frame features
+        latents: (B, M, R, d)
+        returns  (B, M, R, d) the attention update for the latents
+        """
+        media = self.norm_media(media)
+        latents = self.norm_latents(latents)
+        q = split_heads(self.to_q(latents), self.heads)
+        k, v = self.to_kv(torch.cat([media, latents], dim=-2)).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(q, split_heads(k, self.heads), split_heads(v, self.heads))
+        return self.to_out(merge_heads(out))
+
+
+class ResamplerLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        self.attn = PerceiverAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents + self.attn(media, latents)
+        return latents + self.ff(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """(B, M, T, S, d_vision) frame features -> (B, M, R, dim) visual tokens.
+
+    B: batch, M: media items per sample, T: frames per item, S: spatial tokens per frame,
+    R: learned latents. With `config.dim` set, features are first projected to that width.
+    """
+
+    def __init__(self, config: ResamplerConfig, vision_dim: int):
+        super().__init__()
+        dim = config.dim or vision_dim
+        self.config = config
+        self.dim = dim
+        self.proj = nn.Linear(vision_dim, dim) if dim != vision_dim else nn.Identity()
+        self.latents = nn.Parameter(torch.randn(config.num_latents, dim) * 0.02)
+        self.time_embeddings = nn.Parameter(torch.randn(config.max_frames, 1, dim) * 0.02)
+        self.layers = nn.ModuleList(
+            ResamplerLayer(dim, config.heads, config.dim_head, config.ff_mult) for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 5:
+            raise ValueError(f"resampler expects features (B, M, T, S, d), got shape {tuple(features.shape)}")
+        b, m, t, s, _ = features.shape
+        if t > self.config.max_frames:
+            raise ValueError(f"{t} frames exceed the resampler's max_frames={self.config.max_frames}")
+        x_f = self.proj(features) + self.time_embeddings[:t]  # (B, M, T, S, dim)
+        x_f = x_f.reshape(b, m, t * s, self.dim)
+        latents = self.latents.expand(b, m, -1, -1)
+        for layer in self.layers:
+            latents = layer(x_f, latents)
+        return self.norm(latents)
