@@ -121,7 +121,9 @@ class HFVisionTower(VisionTower):
         out = self.net(pixel_values=pixels.to(self.net.dtype))
         tokens = out.last_hidden_state
         if self.has_cls:
-            post_ln = getattr(self.net.vision_model, "post_layernorm", None)
+            # transformers 5 puts post_layernorm on the model; older layouts on .vision_model
+            owner = getattr(self.net, "vision_model", self.net)
+            post_ln = getattr(owner, "post_layernorm", None)
             tokens = post_ln(tokens) if post_ln is not None else tokens
             tokens = tokens[:, 1:]
         return tokens

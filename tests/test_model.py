@@ -1,0 +1,251 @@
+"""The Flamingo core: identity at init, masking, resampler, freezing, concurrency, save/load."""
+import threading
+
+import pytest
+import torch
+
+from engine.config import FlamingoConfig, ResamplerConfig
+from engine.cross_attention import GatedCrossAttentionBlock, MediaContext, media_index_from_ids, sample_next_media
+from engine.lm import find_decoder_layers
+from engine.model import FlamingoModel
+from engine.resampler import PerceiverResampler
+from engine.testing import set_gates, tiny_config, tiny_lm, tiny_model, tiny_tokenizer
+from engine.vision import HFVisionTower, TinyVisionTower
+
+TEXT = "A cat.<image>This is a cat.<EOC><image>This is a dog and a ball.<EOC>"
+
+
+def _inputs(model, text=TEXT, batch=1, seed=0):
+    ids = model.tokenizer([text] * batch, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(seed)
+    n = int((ids[0] == model.media_token_id).sum())
+    pixels = torch.rand(batch, n, 1, 3, 32, 32, generator=g)
+    return ids, pixels
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2"])
+def test_identity_at_init(family):
+    model = tiny_model(family)
+    ids, pixels = _inputs(model)
+    with torch.no_grad():
+        ours = model(ids, model.encode_media(pixels)).logits
+        bare = tiny_lm(family, seed=0)(inputs_embeds=model.embed(ids)).logits
+    assert torch.allclose(ours[..., : bare.shape[-1]], bare, atol=1e-5)
+    set_gates(model, 0.5)  # the comparison is not vacuous: open gates change the output
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, model.encode_media(pixels)).logits[..., : bare.shape[-1]], bare, atol=1e-3)
+
+
+def _segments(model, ids):
+    """Token positions before the first image, in segment 0 and in segment 1."""
+    idx = media_index_from_ids(ids, model.media_token_id)[0]
+    return (idx == -1), (idx == 0), (idx == 1)
+
+
+def test_only_last_masking_at_block_level():
+    torch.manual_seed(0)
+    model = tiny_model(gates=1.0)
+    block = next(iter(model.gated_blocks.values()))
+    ids, _ = _inputs(model)
+    before, seg0, seg1 = _segments(model, ids)
+    x = torch.randn(1, ids.shape[1], 64)
+    visual = torch.randn(1, 2, 4, model.resampler.dim)
+    run = lambda v: block.attn(x, block.attn.project_media(v), media_index_from_ids(ids, model.media_token_id), 4, True)
+    base = run(visual)
+    changed0 = visual.clone(); changed0[:, 0] += 1
+    changed1 = visual.clone(); changed1[:, 1] += 1
+    out0, out1 = run(changed0), run(changed1)
+    assert torch.equal(base[0, before], torch.zeros_like(base[0, before]))  # exactly zero before any image
+    assert not torch.allclose(out0[0, seg0], base[0, seg0]) and torch.equal(out0[0, seg1], base[0, seg1])
+    assert not torch.allclose(out1[0, seg1], base[0, seg1]) and torch.equal(out1[0, seg0], base[0, seg0])
+
+
+def test_all_previous_mode_sees_earlier_media():
+    model = tiny_model(gates=1.0)
+    block = next(iter(model.gated_blocks.values()))
+    ids, _ = _inputs(model)
+    before, seg0, seg1 = _segments(model, ids)
+    x = torch.randn(1, ids.shape[1], 64)
+    visual = torch.randn(1, 2, 4, model.resampler.dim)
+    idx = media_index_from_ids(ids, model.media_token_id)
+    run = lambda v: block.attn(x, block.attn.project_media(v), idx, 4, False)
+    changed0 = visual.clone(); changed0[:, 0] += 1
+    base, out0 = run(visual), run(changed0)
+    assert not torch.allclose(out0[0, seg1], base[0, seg1])  # segment 1 sees image 0 too
+    assert torch.equal(base[0, before], torch.zeros_like(base[0, before]))
+
+
+def test_masking_through_the_whole_model():
+    model = tiny_model(gates=1.0)
+    ids, pixels = _inputs(model)
+    before, seg0, seg1 = _segments(model, ids)
+    with torch.no_grad():
+        base = model(ids, model.encode_media(pixels)).logits[0]
+        p1 = pixels.clone(); p1[:, 1] = torch.rand_like(p1[:, 1])
+        out1 = model(ids, model.encode_media(p1)).logits[0]
+        p0 = pixels.clone(); p0[:, 0] = torch.rand_like(p0[:, 0])
+        out0 = model(ids, model.encode_media(p0)).logits[0]
+    # tokens before the first image ignore all images; the LM is causal, so a later image
+    # cannot reach earlier tokens, while a token's own image changes it
+    assert torch.equal(out0[before], base[before]) and torch.equal(out1[before], base[before])
+    assert torch.equal(out1[seg0], base[seg0])
+    assert not torch.allclose(out0[seg0], base[seg0]) and not torch.allclose(out1[seg1], base[seg1])
+
+
+def test_text_only_tokens_skip_dense_when_configured():
+    model = tiny_model(gates=1.0, dense_on_text_only=False)
+    ids, pixels = _inputs(model)
+    before, _, _ = _segments(model, ids)
+    with torch.no_grad():
+        ours = model(ids, model.encode_media(pixels)).logits[0]
+        bare = tiny_lm("llama", seed=0)(inputs_embeds=model.embed(ids)).logits[0]
+    assert torch.allclose(ours[before][:, : bare.shape[-1]], bare[before], atol=1e-5)
+
+
+def test_p_next_moves_spans_to_the_next_media():
+    idx = torch.tensor([[-1, 0, 0, 1, 1, 2]])
+    assert torch.equal(sample_next_media(idx, torch.tensor([3]), 1.0), torch.tensor([[0, 1, 1, 2, 2, 2]]))
+    assert torch.equal(sample_next_media(idx, torch.tensor([3]), 0.0), idx)
+
+
+@pytest.mark.parametrize("frames", [1, 3, 8])
+def test_resampler_shapes(frames):
+    r = PerceiverResampler(ResamplerConfig(depth=2, heads=2, dim_head=8, num_latents=5, max_frames=8), vision_dim=12)
+    out = r(torch.randn(2, 3, frames, 7, 12))
+    assert out.shape == (2, 3, 5, 12)
+
+
+def test_resampler_frame_order_matters_through_time_embeddings():
+    torch.manual_seed(0)
+    r = PerceiverResampler(ResamplerConfig(depth=1, heads=2, dim_head=8, num_latents=4, max_frames=4), vision_dim=12)
+    x = torch.randn(1, 1, 4, 6, 12)
+    flipped = x.flip(2)
+    with torch.no_grad():
+        r.time_embeddings.normal_()
+        assert not torch.allclose(r(x), r(flipped), atol=1e-4)
+        r.time_embeddings.zero_()  # without time embeddings attention is order-blind
+        assert torch.allclose(r(x), r(flipped), atol=1e-5)
+
+
+def test_resampler_projection_and_bad_input():
+    r = PerceiverResampler(ResamplerConfig(dim=16, depth=1, heads=2, dim_head=8, num_latents=3, max_frames=2), vision_dim=40)
+    assert r(torch.randn(1, 2, 2, 5, 40)).shape == (1, 2, 3, 16)
+    with pytest.raises(ValueError, match="max_frames"):
+        r(torch.randn(1, 1, 3, 5, 40))
+    with pytest.raises(ValueError, match=r"\(B, M, T, S, d\)"):
+        r(torch.randn(2, 5, 40))
+
+
+def test_freezing_after_an_optimiser_step():
+    model = tiny_model(gates=0.1)
+    model.train()
+    ids, pixels = _inputs(model, batch=2)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen and trainable
+    assert all(n.startswith(("resampler", "new_token")) or ".gated_block." in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(ids, model.encode_media(pixels), labels=ids).loss.backward()
+    opt.step()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
+    moved = [n for n, v in trainable.items() if not torch.equal(after[n], v)]
+    assert sorted(moved) == sorted(trainable)
+
+
+def test_gate_zero_means_only_gates_get_gradient_at_first():
+    model = tiny_model(gates=0.0)
+    ids, pixels = _inputs(model)
+    model(ids, model.encode_media(pixels), labels=ids).loss.backward()
+    block = next(iter(model.gated_blocks.values()))
+    assert block.attn_gate.grad.abs().item() > 0
+    assert torch.count_nonzero(block.attn.to_q.weight.grad) == 0
+
+
+def test_concurrent_calls_match_sequential():
+    model = tiny_model(gates=1.0)
+    inputs = [_inputs(model, seed=s) for s in range(2)]
+    with torch.no_grad():
+        expected = [model(ids, model.encode_media(px)).logits for ids, px in inputs]
+    results = [[None] * 5 for _ in inputs]
+
+    def work(i):
+        for k in range(5):
+            with torch.no_grad():
+                ids, px = inputs[i]
+                results[i][k] = model(ids, model.encode_media(px)).logits
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for i in range(2):
+        assert all(torch.equal(r, expected[i]) for r in results[i])
+
+
+def test_kv_cached_chunks_match_one_pass():
+    model = tiny_model(gates=1.0)
+    ids, pixels = _inputs(model)
+    visual = model.encode_media(pixels)
+    split = int((ids[0] == model.media_token_id).nonzero()[1])  # the second chunk starts at image 2
+    with torch.no_grad():
+        full = model(ids, visual).logits
+        first = model(ids[:, :split], visual[:, :1], use_cache=True)
+        second = model(ids[:, split:], visual, past_key_values=first.past_key_values, media_offset=1, use_cache=True)
+    assert torch.allclose(torch.cat([first.logits, second.logits], 1), full, atol=1e-5)
+
+
+def test_bad_inputs_name_the_problem():
+    model = tiny_model()
+    ids, pixels = _inputs(model)
+    visual = model.encode_media(pixels)
+    with pytest.raises(ValueError, match="media count mismatch"):
+        model(ids, visual[:, :1])
+    with pytest.raises(ValueError, match="no media were given"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"\(B, N, T, 3, H, W\)"):
+        model.encode_media(pixels[0])
+    with pytest.raises(ValueError, match=r"\(B, N, R, d\)"):
+        model(ids, visual[0])
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(ids[0], visual)
+    with pytest.raises(ValueError, match="cannot find the decoder layers"):
+        find_decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown keys"):
+        FlamingoConfig.from_dict({"resampler": {"depht": 2}})
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model(gates=0.7)
+    lm_dir = tmp_path / "lm"
+    tiny_lm("llama", seed=0).save_pretrained(lm_dir)
+    tiny_tokenizer().save_pretrained(lm_dir)
+    model.config.lm = str(lm_dir)
+    model.save_pretrained(tmp_path / "flamingo")
+    loaded = FlamingoModel.from_pretrained(tmp_path / "flamingo")
+    ids, pixels = _inputs(model)
+    with torch.no_grad():
+        assert torch.allclose(model(ids, model.encode_media(pixels)).logits, loaded(ids, loaded.encode_media(pixels)).logits, atol=1e-6)
+    saved = set(__import__("safetensors.torch").torch.load_file(tmp_path / "flamingo" / "flamingo.safetensors"))
+    assert not any(k.startswith(("lm.", "vision.")) for k in saved)  # frozen weights are references only
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_hf_vision_tower_patch_tokens(tmp_path, family):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    cfg_cls, model_cls = (CLIPVisionConfig, CLIPVisionModel) if family == "clip" else (SiglipVisionConfig, SiglipVisionModel)
+    cfg = cfg_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    model_cls(cfg).save_pretrained(tmp_path)
+    tower = HFVisionTower(str(tmp_path))
+    out = tower(torch.rand(2, 3, 3, 32, 32))
+    assert out.shape == (2, 3, 16, 32)  # 4x4 patches; CLIP's CLS token dropped
+    assert not any(p.requires_grad for p in tower.parameters())
+
+
+def test_tiny_tower_is_frozen_in_train_mode():
+    tower = TinyVisionTower()
+    tower.train()
+    assert not tower.training and not any(p.requires_grad for p in tower.parameters())
