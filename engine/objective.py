@@ -1,0 +1,152 @@
+"""The paper's training objective: a weighted sum of per-dataset negative log-likelihoods,
+
+    sum_m  lambda_m * E_{(x, y) ~ D_m} [ -sum_l log p(y_l | y_<l, x_<=l) ]
+
+and how each optimiser step visits the datasets:
+
+* ``accumulation`` (the paper's choice): every step draws one batch from every dataset and
+  accumulates the gradients of lambda_m * loss_m before a single optimiser update.
+* ``round_robin`` (its ablation): each step uses one dataset, in turn.
+
+A dataset of weight 0 is never drawn (it would add no gradient).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data.features import FeatureCache, load_pixels
+from .data.readers import RecordStream, open_source
+from .data.sampling import IGNORE, Batch, SequenceSampler, collate, stack_media
+from .media import MediaError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("accumulation", "round_robin")
+
+
+def step_plan(step: int, weights: list[float], strategy: str) -> list[int]:
+    """Indices of the datasets whose batches make optimiser step `step`."""
+    active = [i for i, w in enumerate(weights) if w > 0]
+    if not active:
+        raise ValueError("every dataset has weight 0: nothing to train on")
+    if strategy == "accumulation":
+        return active
+    if strategy == "round_robin":
+        return [active[step % len(active)]]
+    raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    features: torch.Tensor | None = None  # (B, N, T, S, d) cached frozen features
+    pixels: torch.Tensor | None = None  # (B, N, T, 3, H, W)
+    num_samples: int = 0
+    num_tokens: int = 0
+
+    def to(self, device) -> "ModelInputs":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return ModelInputs(move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.features),
+                           move(self.pixels), self.num_samples, self.num_tokens)
+
+
+class DatasetFeed:
+    """One dataset's stream of batches: records -> sampled sequences -> a batch with its media
+    as cached features (or pixels). Records whose media cannot be read, and samples that keep
+    no media (nothing to learn: text before the first image has no labels), are skipped."""
+
+    def __init__(self, spec, tokenizer, media_token_id: int, pad_id: int, *, seed: int, rank: int, world: int,
+                 cache: FeatureCache | None, image_size: int, num_frames: int, add_bos: bool = True):
+        self.spec = spec
+        self.name, self.weight, self.batch_size = spec.name, float(spec.weight), spec.batch_size
+        options = {k: getattr(spec, k) for k in ("image_dir", "image_column", "caption_column")}
+        self.source = open_source(spec.format, spec.path, spec.kind, **options)
+        self.stream = RecordStream(self.source, seed=seed, shuffle=spec.shuffle, rank=rank, world=world)
+        self.sampler = SequenceSampler(tokenizer, media_token_id, spec.kind, spec.max_tokens, spec.max_images,
+                                       seed=seed * 1000 + 17 * rank + 1, add_bos=add_bos)
+        self.media_token_id, self.pad_id = media_token_id, pad_id
+        self.cache, self.image_size, self.num_frames = cache, image_size, num_frames
+        self.media_kind = "video" if spec.kind == "video" else "image"
+        self.skipped = 0
+
+    def media_paths(self):
+        for i in range(len(self.source)):
+            yield from self.source[i].media
+
+    def _media(self, path) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.get(path, self.media_kind)
+        return load_pixels(path, self.image_size, self.num_frames, self.media_kind)
+
+    def next_batch(self) -> ModelInputs:
+        samples, media = [], []
+        for _ in range(1000 * self.batch_size):
+            if len(samples) == self.batch_size:
+                break
+            record = next(self.stream)
+            sample = self.sampler(record)
+            if not sample.media:
+                self.skipped += 1
+                continue
+            try:
+                row = [self._media(p) for p in sample.media]
+            except (MediaError, OSError) as e:
+                self.skipped += 1
+                log.warning("%s: skipping a record: %s", self.name, e)
+                continue
+            samples.append(sample)
+            media.append(row)
+        if len(samples) < self.batch_size:
+            raise ValueError(f"dataset {self.name!r}: no usable records (media unreadable, or no images in the sampled windows)")
+        batch: Batch = collate(samples, self.pad_id, self.media_token_id)
+        stacked = stack_media(media, batch.num_media)
+        cached = self.cache is not None
+        return ModelInputs(batch.input_ids, batch.attention_mask, batch.labels,
+                           features=stacked if cached else None, pixels=None if cached else stacked,
+                           num_samples=len(samples), num_tokens=int(batch.attention_mask.sum()))
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict(), "sampler": self.sampler.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.skipped = state.get("skipped", 0)
+
+
+class FlamingoLoss(nn.Module):
+    """The model and its loss as one module, so that DDP/FSDP wrap (and sync) everything the
+    step touches: media -> visual tokens -> next-token loss on the labelled positions."""
+
+    def __init__(self, model, p_next: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.p_next = p_next
+
+    def forward(self, input_ids, attention_mask, labels, features=None, pixels=None) -> torch.Tensor:
+        model = self.model
+        if features is not None:
+            visual = model.resample(features)
+        elif pixels is not None:
+            if any(p.requires_grad for p in model.vision.parameters()):  # unfrozen tower: keep its graph
+                b, n, t = pixels.shape[:3]
+                v = model.vision
+                feats = v.encode(v.normalize(pixels.flatten(0, 2)))
+                visual = model.resample(feats.view(b, n, t, *feats.shape[1:]))
+            else:
+                visual = model.encode_media(pixels)
+        else:
+            visual = None
+        scale = 1.0
+        if not bool((labels[:, 1:] != IGNORE).any()):  # nothing to learn: a zero loss that still
+            labels = labels.clone()  # touches every parameter, so DDP ranks stay in step
+            labels[0, -1] = input_ids[0, -1]
+            scale = 0.0
+        out = model(input_ids, visual, attention_mask, labels=labels, p_next=self.p_next)
+        return out.loss * scale

@@ -1,0 +1,315 @@
+"""Training: the weighted multi-dataset objective with AdamW, under accelerate.
+
+One process or many (``accelerate launch`` / ``torchrun``: DDP; FSDP through an accelerate
+config), the same code: `Accelerator` places the model, wraps it for data parallelism and
+applies bf16 autocast. Each process reads its own share of every dataset.
+
+A step (engine/objective.py): for each dataset of the step's plan, one batch, its loss times the
+dataset's weight, backward (gradients accumulate; DDP syncs only on the last backward of the
+step); then one gradient clipping, one AdamW update, one LR-schedule step (linear warmup, then
+constant, as the paper).
+
+Weight decay applies to the weight matrices of the resampler's and gated blocks' linear layers
+(and of the LM / tower when unfrozen); not to the tanh gates (decay would pull them shut, back
+to the frozen LM, against what the step is learning), nor to norms and biases (scale and shift
+parameters, which decay only distorts), nor to embeddings, the learned latents and time
+embeddings (their rows are inputs, updated sparsely; decay would shrink rarely-used rows).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .objective import DatasetFeed, FlamingoLoss, step_plan
+from .train_config import TrainConfig, dataset_path
+
+log = logging.getLogger(__name__)
+
+NO_DECAY_NAMES = ("gate", "latents", "time_embeddings", "new_token_embeddings", "new_token_output", "embed", "wte", "wpe", "norm", "ln_")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.lower()
+        if p.ndim < 2 or any(k in leaf for k in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def warmup_constant(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def build_model(cfg: TrainConfig):
+    from .model import FlamingoModel
+
+    if cfg.init_from:
+        model = FlamingoModel.from_pretrained(cfg.init_from)
+    else:
+        model = FlamingoModel.from_config(cfg.model_config())
+    apply_freezing(model, cfg)
+    return model
+
+
+def apply_freezing(model, cfg: TrainConfig) -> None:
+    if not cfg.optim.freeze_lm:
+        model.lm.requires_grad_(True)
+    if not cfg.optim.freeze_vision:
+        model.vision.requires_grad_(True)
+    if cfg.optim.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
+
+
+def resolve_mixed_precision(setting: str, device_type: str) -> str:
+    if setting != "auto":
+        return setting
+    # bf16 autocast: on GPU always; on CPU it is faster where the CPU has bf16 instructions
+    # (measured: see the README / configs), else fp32.
+    if device_type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model=None, resume: str | bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.cfg = cfg
+        run = cfg.run
+        cpu = run.device == "cpu" or (run.device == "auto" and not torch.cuda.is_available())
+        if run.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("run.device is cuda but no CUDA device is available")
+        mp = resolve_mixed_precision(run.mixed_precision, "cpu" if cpu else "cuda")
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mp,
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.run_dir = Path(run.dir)
+        torch.manual_seed(run.seed)
+        self.model = model if model is not None else build_model(cfg)
+        if model is not None:
+            apply_freezing(self.model, cfg)
+        self._check_model()
+        self.feeds = self._build_feeds()
+        self.weights = [f.weight for f in self.feeds]
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                           betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.optim.warmup_steps))
+        p_next = self.model.config.cross_attention.p_next
+        # The scheduler stays unprepared: accelerate would step it once per process.
+        self.loss_module, self.optimizer = acc.prepare(FlamingoLoss(self.model, p_next), self.optimizer)
+        self.step = 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if resume:
+            path = ckpt.latest_checkpoint(self.run_dir) if resume is True else Path(resume)
+            if path is not None:
+                self._resume(path)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+            self._truncate_metrics()
+        acc.wait_for_everyone()
+
+    # ----- set-up -------------------------------------------------------------------------
+    def _check_model(self) -> None:
+        need = self.cfg.data.num_frames
+        if any(ds.kind == "video" and ds.weight > 0 for ds in self.cfg.data.datasets):
+            have = self.model.config.resampler.max_frames
+            if need > have:
+                raise ValueError(f"data.num_frames={need} exceeds the model's resampler.max_frames={have}")
+
+    def _build_feeds(self) -> list[DatasetFeed]:
+        from .data.features import FeatureCache
+
+        cfg, acc = self.cfg, self.accelerator
+        model = self.model
+        cache = None
+        if cfg.data.feature_cache:
+            cache_dir = cfg.data.cache_dir or str(Path(cfg.data.root) / ".feature_cache")
+            cache = FeatureCache(cache_dir, model.vision, cfg.data.num_frames, cfg.data.cache_key, device=acc.device)
+        pad_id = model.tokenizer.pad_token_id
+        feeds = []
+        for ds in cfg.data.datasets:
+            spec = dataclasses.replace(ds, path=str(dataset_path(cfg, ds)))
+            feeds.append(DatasetFeed(spec, model.tokenizer, model.media_token_id, pad_id, seed=cfg.data.seed, rank=self.rank,
+                                     world=self.world, cache=cache, image_size=model.vision.image_size,
+                                     num_frames=cfg.data.num_frames, add_bos=cfg.data.add_bos))
+        if cache is not None:
+            self._precompute(cache, [f for f in feeds if f.weight > 0])
+        return feeds
+
+    def _precompute(self, cache, feeds: list[DatasetFeed]) -> None:
+        model = self.model
+        model.vision.to(self.accelerator.device)
+        kinds, paths = {}, []
+        for f in feeds:
+            for p in f.media_paths():
+                kinds[p] = f.media_kind
+                paths.append(p)
+        t = time.time()
+        stats = cache.build(paths, kinds, rank=self.rank, world=self.world,
+                            progress=self.cfg.run.progress and self.accelerator.is_local_main_process)
+        self.accelerator.wait_for_everyone()
+        log.info("feature cache %s: %d media, %d computed here, %d unreadable (%.1fs)", stats["cached"], len(set(paths)),
+                 stats["computed"], stats["failed"], time.time() - t)
+
+    def _resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.loss_module).model, self.optimizer,
+                                     self.scheduler, self.rank)
+        self.step = int(state["step"])
+        data = state["data"]
+        for f in self.feeds:
+            if f.name in data:
+                f.load_state_dict(data[f.name])
+        if self.accelerator.is_main_process:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def _truncate_metrics(self) -> None:
+        """After a resume, drop logged steps beyond the checkpoint (they will be redone)."""
+        if not self.metrics_path.is_file():
+            return
+        keep = [l for l in self.metrics_path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= self.step]
+        self.metrics_path.write_text("".join(l + "\n" for l in keep))
+
+    # ----- the loop -----------------------------------------------------------------------
+    def train_step(self) -> dict:
+        acc, cfg = self.accelerator, self.cfg
+        self.loss_module.train()
+        plan = step_plan(self.step, self.weights, cfg.optim.strategy)
+        losses, samples, tokens = {}, 0, 0
+        for j, i in enumerate(plan):
+            feed = self.feeds[i]
+            inputs = feed.next_batch().to(acc.device)
+            sync = j == len(plan) - 1
+            with acc.no_sync(self.loss_module) if not sync else nullcontext():
+                with acc.autocast():
+                    loss = self.loss_module(inputs.input_ids, inputs.attention_mask, inputs.labels,
+                                            features=inputs.features, pixels=inputs.pixels)
+                acc.backward(loss * feed.weight)
+            losses[feed.name] = loss.detach().float()
+            samples += inputs.num_samples
+            tokens += inputs.num_tokens
+        grad_norm = None
+        if cfg.optim.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(self.loss_module.parameters(), cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        names = list(losses)
+        reduced = acc.reduce(torch.stack([losses[n] for n in names]), reduction="mean").tolist()
+        out = {f"loss/{n}": v for n, v in zip(names, reduced)}
+        out["loss"] = sum(self.feeds[[f.name for f in self.feeds].index(n)].weight * v for n, v in zip(names, reduced))
+        out["samples"], out["tokens"] = samples * self.world, tokens * self.world
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        return out
+
+    def should_stop(self, started: float) -> bool:
+        limit = self.cfg.run.max_minutes
+        if limit is None:
+            return False
+        flag = torch.tensor([1.0 if time.time() - started > 60 * limit else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def fit(self) -> dict:
+        from tqdm.auto import tqdm
+
+        acc, run = self.accelerator, self.cfg.run
+        started = time.time()
+        bar = tqdm(total=run.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (run.progress and acc.is_main_process))
+        last = {}
+        while self.step < run.max_steps:
+            t0 = time.time()
+            m = self.train_step()
+            dt = time.time() - t0
+            m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], step_time=dt,
+                     samples_per_s=m["samples"] / dt, tokens_per_s=m["tokens"] / dt, time=time.time())
+            last = m
+            if acc.is_main_process and (self.step % run.log_every == 0 or self.step == run.max_steps):
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", sps=f"{m['samples_per_s']:.2f}")
+            bar.update(1)
+            stop = self.should_stop(started)
+            if self.step % run.save_every == 0 or self.step == run.max_steps or stop:
+                self.save_checkpoint()
+            if stop:
+                log.info("run.max_minutes reached at step %d", self.step)
+                break
+        bar.close()
+        self.save_final()
+        return last
+
+    # ----- saving -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        if ckpt.latest_checkpoint(self.run_dir) == ckpt.checkpoints_dir(self.run_dir) / f"step-{self.step}":
+            return None
+        if acc.is_main_process:
+            ckpt.staging_dir(self.run_dir, self.step)
+        acc.wait_for_everyone()
+        stage = ckpt.checkpoints_dir(self.run_dir) / f"step-{self.step}.tmp"
+        stage.mkdir(parents=True, exist_ok=True)
+        ckpt.save_rank_state(stage, self.rank, {f.name: f.state_dict() for f in self.feeds})
+        if acc.is_main_process:
+            state = {"step": self.step, "world_size": self.world, "config": self.cfg.to_dict()}
+            ckpt.save_main(stage, acc.unwrap_model(self.loss_module).model, self.optimizer, self.scheduler, state)
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            path = ckpt.finalize(self.run_dir, self.step, self.cfg.run.keep_last)
+            self.plot()
+        acc.wait_for_everyone()
+        return path
+
+    def save_final(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.loss_module).model
+            out = self.run_dir / "model"
+            if not self.cfg.optim.freeze_lm:  # the fine-tuned LM goes with the model
+                model.lm.save_pretrained(out / "lm")
+                model.tokenizer.save_pretrained(out / "lm")
+                model.config.lm = str((out / "lm").resolve())
+            model.save_pretrained(out)
+            self.plot()
+            log.info("saved the model to %s", out)
+        acc.wait_for_everyone()
+
+    def plot(self) -> Path | None:
+        from .train_plot import plot_metrics
+
+        return plot_metrics(self.metrics_path, self.run_dir / "loss.png")
+
+
+def train(cfg: TrainConfig, resume: str | bool = True) -> dict:
+    if cfg.mode == "contrastive":
+        from .contrastive import train_contrastive
+
+        return train_contrastive(cfg, resume=resume)
+    return Trainer(cfg, resume=resume).fit()

@@ -1,0 +1,259 @@
+"""The training YAML, as typed dataclasses, validated with errors that name the bad key.
+
+    model: {...}            # FlamingoConfig fields (engine/config.py); or instead:
+    init_from: DIR          # a saved model (save_pretrained) to continue from
+    mode: generative        # or contrastive (engine/contrastive.py)
+    data:
+      root: corpus          # dataset paths are relative to it (itself relative to the cwd)
+      num_frames: 8         # frames per video
+      feature_cache: true   # train from precomputed frozen vision features
+      datasets:
+        - {name: m3w, kind: interleaved, path: interleaved.train.jsonl, weight: 1.0, batch_size: 8}
+        - {name: ltip, kind: pairs, path: pairs.train.jsonl, weight: 0.2, batch_size: 8}
+    optim: {lr: 1.0e-4, warmup_steps: 100, weight_decay: 0.1, strategy: accumulation, ...}
+    run: {dir: runs/x, max_steps: 1000, save_every: 100, keep_last: 3, ...}
+
+See configs/*.yaml for complete, commented examples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import FlamingoConfig
+from .data.readers import FORMATS, KINDS
+from .objective import STRATEGIES
+
+DEFAULT_MAX_TOKENS = {"interleaved": 256, "pairs": 64, "video": 64}
+
+
+@dataclass
+class DatasetConfig:
+    name: str
+    path: str
+    kind: str = "interleaved"  # interleaved | pairs | video
+    format: str = "corpus"  # corpus | coco | folder | parquet | mmc4
+    weight: float = 1.0  # lambda_m in the objective
+    batch_size: int = 8
+    max_tokens: int | None = None  # default: 256 interleaved, 64 pairs / video
+    max_images: int = 5
+    shuffle: bool = True
+    image_dir: str | None = None  # coco / mmc4 / parquet: where the images are
+    image_column: str | None = None  # parquet
+    caption_column: str | None = None  # parquet
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    root: str = "."
+    num_frames: int = 8
+    feature_cache: bool = True
+    cache_dir: str | None = None  # default: <root>/.feature_cache
+    cache_key: str = "mtime"  # mtime (path + mtime + size) | content (sha256 of the file)
+    add_bos: bool = True  # start each sequence with the tokenizer's BOS token, as the paper
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    strategy: str = "accumulation"  # accumulation | round_robin
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = True
+    freeze_lm: bool = True
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/flamingo"
+    max_steps: int = 1000
+    max_minutes: float | None = None  # stop (and save) after this much wall time
+    save_every: int = 100
+    keep_last: int = 3
+    log_every: int = 1
+    mixed_precision: str = "auto"  # auto | no | bf16 (auto: bf16 on GPU and CPU -- faster there, see README)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class ContrastiveConfig:
+    text_dim: int = 256
+    text_layers: int = 2
+    text_heads: int = 4
+    embed_dim: int = 256
+    max_tokens: int = 32
+    init_temperature: float = 0.07
+    train_tower: bool = True  # False trains the projection heads only
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig
+    model: dict | None = None
+    init_from: str | None = None
+    mode: str = "generative"  # generative | contrastive
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+
+    def model_config(self) -> FlamingoConfig:
+        return FlamingoConfig.from_dict(self.model or {})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from e
+    for dotted, value in (overrides or {}).items():
+        d = raw
+        *parents, last = dotted.split(".")
+        for k in parents:
+            d = d.setdefault(k, {})
+        d[last] = value
+    return parse_train_config(raw, str(path))
+
+
+def parse_train_config(raw: Any, where: str = "config") -> TrainConfig:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: the top level must be a mapping")
+    if "data" not in raw:
+        raise ValueError(f"{where}: missing section 'data' (datasets to train on)")
+    cfg: TrainConfig = _build(TrainConfig, raw, where)
+    _validate(cfg, where)
+    return cfg
+
+
+def _build(cls, d: Any, where: str):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d]
+    if required:
+        raise ValueError(f"{where}: missing key{'s' if len(required) > 1 else ''} {', '.join(required)}")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}" if where != "config" else k) for k, v in d.items()})
+
+
+def _coerce(tp, v: Any, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], v, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, where)
+    if origin is list:
+        if not isinstance(v, list):
+            raise ValueError(f"{where}: expected a list, got {type(v).__name__}")
+        return [_coerce(args[0], x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)) or len(v) != len(args):
+            raise ValueError(f"{where}: expected a list of {len(args)} values, got {v!r}")
+        return tuple(_coerce(a, x, f"{where}[{i}]") for i, (a, x) in enumerate(zip(args, v)))
+    if tp is dict:
+        if not isinstance(v, dict):
+            raise ValueError(f"{where}: expected a mapping, got {type(v).__name__}")
+        return v
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ValueError(f"{where}: expected true or false, got {v!r}")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{where}: expected an integer, got {v!r}")
+        return v
+    if tp is float:
+        if isinstance(v, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {v!r}")
+        return float(v)
+    if tp is str:
+        if not isinstance(v, str):
+            raise ValueError(f"{where}: expected a string, got {v!r}")
+        return v
+    return v
+
+
+def _choice(value, allowed, where: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _validate(cfg: TrainConfig, where: str) -> None:
+    _choice(cfg.mode, ("generative", "contrastive"), f"{where}: mode")
+    if cfg.model is not None and cfg.init_from is not None:
+        raise ValueError(f"{where}: give either 'model' or 'init_from', not both")
+    if cfg.model is not None:
+        try:
+            FlamingoConfig.from_dict(cfg.model)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: model: {e}") from e
+    if not cfg.data.datasets:
+        raise ValueError(f"{where}: data.datasets is empty")
+    names = set()
+    for i, ds in enumerate(cfg.data.datasets):
+        at = f"{where}: data.datasets[{i}] ({ds.name})"
+        if ds.name in names:
+            raise ValueError(f"{at}: duplicate dataset name")
+        names.add(ds.name)
+        _choice(ds.kind, KINDS, f"{at}.kind")
+        _choice(ds.format, FORMATS, f"{at}.format")
+        if ds.weight < 0:
+            raise ValueError(f"{at}.weight must be >= 0, got {ds.weight}")
+        if ds.batch_size < 1:
+            raise ValueError(f"{at}.batch_size must be >= 1, got {ds.batch_size}")
+        if ds.max_tokens is None:
+            ds.max_tokens = DEFAULT_MAX_TOKENS[ds.kind]
+        if ds.max_tokens < 2 or ds.max_images < 1:
+            raise ValueError(f"{at}: max_tokens must be >= 2 and max_images >= 1")
+    if all(ds.weight == 0 for ds in cfg.data.datasets) and cfg.mode == "generative":
+        raise ValueError(f"{where}: every dataset has weight 0")
+    _choice(cfg.data.cache_key, ("mtime", "content"), f"{where}: data.cache_key")
+    if cfg.data.num_frames < 1:
+        raise ValueError(f"{where}: data.num_frames must be >= 1")
+    o = cfg.optim
+    _choice(o.strategy, STRATEGIES, f"{where}: optim.strategy")
+    if o.lr <= 0 or o.warmup_steps < 0 or o.weight_decay < 0 or o.max_grad_norm < 0:
+        raise ValueError(f"{where}: optim: lr must be > 0; warmup_steps, weight_decay and max_grad_norm >= 0")
+    r = cfg.run
+    _choice(r.mixed_precision, ("auto", "no", "bf16", "fp16"), f"{where}: run.mixed_precision")
+    _choice(r.device, ("auto", "cpu", "cuda"), f"{where}: run.device")
+    if r.max_steps < 1 or r.save_every < 1 or r.log_every < 1 or r.keep_last < 0:
+        raise ValueError(f"{where}: run: max_steps, save_every and log_every must be >= 1, keep_last >= 0")
+    if cfg.data.feature_cache and not o.freeze_vision and cfg.mode == "generative":
+        raise ValueError(f"{where}: data.feature_cache needs a frozen vision tower (optim.freeze_vision: true)")
+
+
+def dataset_path(cfg: TrainConfig, ds: DatasetConfig) -> Path:
+    p = Path(ds.path)
+    return p if p.is_absolute() else Path(cfg.data.root) / p
