@@ -1,0 +1,169 @@
+"""Token-level generation: choosing the next token, stop rules, and streaming text out.
+
+The decode loop itself is model-agnostic: `decode` takes the first logits and a `step(token)`
+function that feeds one token to the model (with its KV cache) and returns the next logits.
+`ChatEngine` supplies the Flamingo forward; tests can supply anything.
+
+Repetition controls look at the reply being generated, not the whole conversation: a chat's
+history (template tokens, the user's words) should not be penalised, while the run-on loops
+OpenFlamingo users complain about are repeats within one answer.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .conversation import GenerationSettings
+
+FINISH_REASONS = ("eoc", "eos", "length", "cancelled")
+
+
+def check_settings(settings: GenerationSettings) -> None:
+    """Names the first impossible setting (ValueError)."""
+    if settings.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
+    if settings.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {settings.temperature}")
+    if not 0 < settings.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {settings.top_p}")
+    if settings.top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {settings.top_k}")
+    if settings.repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {settings.repetition_penalty}")
+    if settings.no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0, got {settings.no_repeat_ngram_size}")
+    if settings.num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {settings.num_frames}")
+
+
+class Sampler:
+    """Next-token choice: banned tokens, repetition controls, then greedy (temperature 0) or
+    sampling with temperature, top-k and top-p from a generator seeded by `settings.seed`
+    (a fresh random seed when None). One Sampler per reply; not shared between threads."""
+
+    def __init__(self, settings: GenerationSettings, banned_ids: tuple[int, ...] = ()):
+        check_settings(settings)
+        self.greedy = settings.temperature == 0
+        self.banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long)
+        self.penalties = LogitsProcessorList()
+        if settings.repetition_penalty != 1.0:
+            self.penalties.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+        if settings.no_repeat_ngram_size > 0:
+            self.penalties.append(NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size))
+        self.warpers = LogitsProcessorList()
+        if not self.greedy:
+            if settings.temperature != 1.0:
+                self.warpers.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_k > 0:
+                self.warpers.append(TopKLogitsWarper(settings.top_k))
+            if settings.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(settings.top_p))
+        self.generator = torch.Generator()
+        if settings.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(settings.seed))
+
+    def __call__(self, generated: list[int], logits: torch.Tensor) -> int:
+        """generated: the reply's tokens so far; logits: (V,) or (1, V) for the next position."""
+        scores = logits.reshape(1, -1).float().cpu().clone()  # the model may return inference tensors
+        if len(self.banned):
+            scores[:, self.banned[self.banned < scores.shape[-1]]] = float("-inf")
+        if generated and len(self.penalties):
+            scores = self.penalties(torch.tensor([generated]), scores)
+        if self.greedy:
+            return int(scores.argmax(-1))
+        scores = self.warpers(torch.tensor([generated], dtype=torch.long).reshape(1, -1), scores)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass
+class DecodeResult:
+    """Filled in while `decode` runs: the tokens yielded, and why it stopped."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_token: int | None = None
+
+
+def decode(
+    first_logits: torch.Tensor,
+    step: Callable[[int], torch.Tensor],
+    sampler: Sampler,
+    stop_ids: dict[int, str],
+    max_new_tokens: int,
+    cancel: threading.Event | None = None,
+    result: DecodeResult | None = None,
+) -> Iterator[int]:
+    """Yields generated token ids one by one.
+
+    stop_ids maps a token to its finish reason ("eoc" or "eos"); the stop token itself is not
+    yielded. The last token is never fed back (`step` runs only when another token follows), so
+    a model's cache ends up holding the prompt and all yielded tokens but the last.
+    `result` receives the tokens and the finish reason ("eoc", "eos", "length", "cancelled").
+    """
+    result = result if result is not None else DecodeResult()
+    logits = first_logits
+    for i in range(max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            result.finish_reason = "cancelled"
+            return
+        token = sampler(result.tokens, logits)
+        if token in stop_ids:
+            result.finish_reason, result.stop_token = stop_ids[token], token
+            return
+        result.tokens.append(token)
+        yield token
+        if i + 1 < max_new_tokens:
+            if cancel is not None and cancel.is_set():
+                result.finish_reason = "cancelled"
+                return
+            logits = step(token)
+    result.finish_reason = "length"
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text deltas out, never splitting a multi-byte character.
+
+    Decodes a short window of recent tokens and emits what it adds to the text already out;
+    a window that ends in an incomplete UTF-8 sequence (U+FFFD) waits for the next token.
+    The deltas concatenate to `tokenizer.decode(all_ids, skip_special_tokens=True)`.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: tokens before it are already out
+        self.read_offset = 0  # tokens before it have been emitted
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        before = self._text(self.ids[self.prefix_offset : self.read_offset])
+        now = self._text(self.ids[self.prefix_offset :])
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return now[len(before):]
+        return ""
