@@ -107,12 +107,14 @@ class GatedCrossAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, media: MediaContext, block_id: int) -> torch.Tensor:
         """x: (B, L, dim) -> (B, L, dim)"""
         if block_id not in media.kv:
-            media.kv[block_id] = self.attn.project_media(media.visual.to(x.dtype))
+            # .to() is a no-op unless the LM is sharded over devices (accelerate device_map)
+            media.kv[block_id] = self.attn.project_media(media.visual.to(device=x.device, dtype=x.dtype))
         r = media.visual.shape[-2]
-        x = x + self.attn_gate.tanh() * self.attn(x, media.kv[block_id], media.media_index, r, media.only_last)
+        media_index = media.media_index.to(x.device)
+        x = x + self.attn_gate.tanh() * self.attn(x, media.kv[block_id], media_index, r, media.only_last)
         ff = self.ff(x)
         if not self.config.dense_on_text_only:
-            ff = ff * (media.media_index >= 0)[..., None].to(ff.dtype)
+            ff = ff * (media_index >= 0)[..., None].to(ff.dtype)
         return x + self.ff_gate.tanh() * ff
 
 

@@ -167,8 +167,8 @@ class FlamingoModel(nn.Module):
         table = self.lm.get_input_embeddings()
         embeds = table(input_ids.clamp(max=table.num_embeddings - 1))
         for slot, token_id in enumerate(self.new_token_ids):
-            new = self.new_token_embeddings[slot].to(embeds.dtype)
-            embeds = torch.where((input_ids == token_id)[..., None], new, embeds)
+            new = self.new_token_embeddings[slot].to(device=embeds.device, dtype=embeds.dtype)
+            embeds = torch.where((input_ids == token_id).to(embeds.device)[..., None], new, embeds)
         return embeds
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -178,9 +178,9 @@ class FlamingoModel(nn.Module):
         if vocab > logits.shape[-1]:
             logits = F.pad(logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
         out_table = self.new_token_embeddings if self.tied else self.new_token_output
-        new = hidden @ out_table.to(hidden.dtype).T  # (..., 2)
+        new = hidden @ out_table.to(device=hidden.device, dtype=hidden.dtype).T  # (..., 2)
         ids = torch.tensor(self.new_token_ids, device=logits.device)
-        return logits.index_copy(-1, ids, new.to(logits.dtype))
+        return logits.index_copy(-1, ids, new.to(device=logits.device, dtype=logits.dtype))
 
     def forward(
         self,
