@@ -1,0 +1,105 @@
+"""The words of the corpus: caption templates, questions and answers, motion captions, naming
+sentences.  Short, plain English, because the language model is small (SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import random
+
+from .names import plural, with_article
+
+MEDIA = "<image>"
+EOC = "<EOC>"
+
+# {a} = label with article ("a cat", "an apple", "grapes"), {x} = bare label, {bg} = colour,
+# {abg} = colour with article ("an orange")
+CAPTIONS = [
+    "A drawing of {a}.",
+    "Clip art: {x}.",
+    "This is {a}.",
+    "A picture of {a}.",
+    "An illustration of {a}.",
+    "{A} on {abg} background.",
+    "An illustration showing {a} on {abg} background.",
+    "A drawing of {a} on {bg}.",
+    "{X}.",
+    "A simple picture of {a}.",
+    "Here is {a}.",
+    "A cartoon of {a}.",
+]
+# Reference captions for the held-out captioning test (varied but all correct).
+REFERENCE_CAPTIONS = [
+    "A drawing of {a}.",
+    "A picture of {a}.",
+    "{A} on {abg} background.",
+    "An illustration of {a}.",
+    "Clip art of {a} on {bg}.",
+]
+
+NAMING = [  # few-shot naming sentences; {n} = name with article, {w} = bare name
+    "This is {n}.",
+    "Here is {n}.",
+    "A {w}.",
+    "Look, {n}!",
+    "This one is called {n}.",
+    "That is {n}.",
+]
+NAMING_QA = ("Question: What is this? Answer: {w}", "Question: What is it called? Answer: {w}")
+
+MOTION_CAPTIONS = {
+    "right": ["{A} moves from left to right.", "{A} moves to the right.",
+              "{A} slides to the right."],
+    "left": ["{A} moves from right to left.", "{A} moves to the left.",
+             "{A} slides to the left."],
+    "up": ["{A} moves up.", "{A} moves from the bottom to the top.", "{A} rises."],
+    "down": ["{A} moves down.", "{A} moves from the top to the bottom.", "{A} falls down."],
+    "grow": ["{A} grows bigger.", "{A} gets bigger.", "{A} grows."],
+    "shrink": ["{A} shrinks.", "{A} gets smaller.", "{A} becomes smaller."],
+    "appear": ["{A} appears.", "{A} suddenly appears.", "{A} shows up."],
+    "disappear": ["{A} disappears.", "{A} vanishes.", "{A} goes away."],
+}
+DIRECTION_ANSWER = {"right": "right", "left": "left", "up": "up", "down": "down"}
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
+
+
+def cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def fill(template: str, label: str, bg: str = "") -> str:
+    a = with_article(label)
+    abg = with_article(bg) if bg else ""
+    return template.format(a=a, A=cap(a), x=label, X=cap(label), bg=bg, abg=abg)
+
+
+def caption(rng: random.Random, label: str, bg: str) -> str:
+    return fill(rng.choice(CAPTIONS), label, bg)
+
+
+def reference_captions(label: str, bg: str) -> list[str]:
+    return [fill(t, label, bg) for t in REFERENCE_CAPTIONS]
+
+
+def motion_caption(rng: random.Random, label: str, motion: str) -> str:
+    a = with_article(label)
+    return rng.choice(MOTION_CAPTIONS[motion]).format(A=cap(a))
+
+
+def naming(template: str, name: str) -> str:
+    return template.format(n=with_article(name), w=name)
+
+
+def chunk(body: str) -> str:
+    """One media item followed by its text, closed by the end-of-chunk token."""
+    return f"{MEDIA}{body}{EOC}"
+
+
+def qa(question: str, answer: str) -> str:
+    return f"Question: {question} Answer: {answer}"
+
+
+def count_answers(n: int) -> list[str]:
+    return [str(n), NUMBER_WORDS[n]] if n < len(NUMBER_WORDS) else [str(n)]
+
+
+def how_many(label: str) -> str:
+    return f"How many {plural(label)} are there?"
