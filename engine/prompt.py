@@ -98,11 +98,11 @@ def dialogue_history(caption: str = "", rounds: list[tuple[str, str]] | tuple = 
 
 
 def _fill(template: str, fields: dict) -> str:
-    fields = {"history": "", **fields}
-    if "caption" in fields or "rounds" in fields:
-        fields["history"] = dialogue_history(fields.pop("caption", ""), fields.pop("rounds", ()))
+    fields = {k: (v.strip() if isinstance(v, str) else v) for k, v in fields.items()}
+    history = dialogue_history(fields.pop("caption", ""), fields.pop("rounds", ()))
+    fields.setdefault("history", history)
     try:
-        return template.format(**{k: (v.strip() if isinstance(v, str) else v) for k, v in fields.items()})
+        return template.format(**fields)
     except KeyError as e:
         raise ValueError(f"task template {template!r} needs the field {e.args[0]!r}") from None
 
