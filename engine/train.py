@@ -214,6 +214,7 @@ class Trainer:
         grad_norm = None
         if cfg.optim.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(self.loss_module.parameters(), cfg.optim.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -222,7 +223,7 @@ class Trainer:
         reduced = acc.reduce(torch.stack([losses[n] for n in names]), reduction="mean").tolist()
         out = {f"loss/{n}": v for n, v in zip(names, reduced)}
         out["loss"] = sum(self.feeds[[f.name for f in self.feeds].index(n)].weight * v for n, v in zip(names, reduced))
-        out["samples"], out["tokens"] = samples * self.world, tokens * self.world
+        out["samples"], out["tokens"], out["lr"] = samples * self.world, tokens * self.world, lr
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         return out
@@ -246,7 +247,7 @@ class Trainer:
             t0 = time.time()
             m = self.train_step()
             dt = time.time() - t0
-            m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], step_time=dt,
+            m.update(step=self.step, step_time=dt,
                      samples_per_s=m["samples"] / dt, tokens_per_s=m["tokens"] / dt, time=time.time())
             last = m
             if acc.is_main_process and (self.step % run.log_every == 0 or self.step == run.max_steps):

@@ -139,24 +139,29 @@ def parse_train_config(raw: Any, where: str = "config") -> TrainConfig:
         raise ValueError(f"{where}: the top level must be a mapping")
     if "data" not in raw:
         raise ValueError(f"{where}: missing section 'data' (datasets to train on)")
-    cfg: TrainConfig = _build(TrainConfig, raw, where)
+    try:
+        cfg: TrainConfig = _build(TrainConfig, raw, "")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
     _validate(cfg, where)
     return cfg
 
 
 def _build(cls, d: Any, where: str):
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(d).__name__}")
+        raise ValueError(f"{where or 'the top level'}: expected a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        at = f"{where}." if where else ""
+        raise ValueError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(at + k for k in unknown)}; known there: {', '.join(sorted(known))}")
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in d]
     if required:
-        raise ValueError(f"{where}: missing key{'s' if len(required) > 1 else ''} {', '.join(required)}")
-    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}" if where != "config" else k) for k, v in d.items()})
+        at = f"{where}." if where else ""
+        raise ValueError(f"missing key{'s' if len(required) > 1 else ''} {', '.join(at + k for k in required)}")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}" if where else k) for k, v in d.items()})
 
 
 def _coerce(tp, v: Any, where: str):
