@@ -1,0 +1,122 @@
+"""The paper's sampling: 5 images / 256-token windows, pair truncation, label masking, collation."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.data.readers import Record
+from engine.data.sampling import IGNORE, SequenceSampler, cap_images, collate, make_labels, sample_window, stack_media
+from engine.testing import tiny_tokenizer
+from engine.tokens import add_flamingo_tokens
+
+M = 9999  # the <image> id in synthetic sequences
+
+
+def _doc(n_images: int, gap: int = 40):
+    """[M, 1000+k, filler...] per image: the token after each marker names its media."""
+    filler = iter(range(20000, 10**6))  # unique text tokens, so a window's place is unambiguous
+    ids, media = [next(filler) for _ in range(gap)], []
+    for k in range(n_images):
+        ids += [M, 1000 + k] + [next(filler) for _ in range(gap)]
+        media.append(k)
+    return ids, media
+
+
+def _check_consistent(ids, media):
+    marks = [i for i, t in enumerate(ids) if t == M]
+    assert len(marks) == len(media)
+    for pos, m in zip(marks, media):
+        if pos + 1 < len(ids):
+            assert ids[pos + 1] == 1000 + m  # the kept marker's own image, in order
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_window_keeps_first_five_images_and_matching_markers(seed):
+    ids, media = _doc(12, gap=20)
+    out, kept = sample_window(ids, media, M, random.Random(seed), max_tokens=256, max_images=5)
+    assert len(out) <= 256
+    assert 1 <= len(kept) <= 5
+    assert kept == sorted(kept) and kept == list(range(kept[0], kept[0] + len(kept)))  # the first ones in the window
+    _check_consistent(out, kept)
+
+
+def test_window_is_a_random_contiguous_subsequence():
+    ids, media = _doc(30, gap=30)
+    starts = set()
+    for seed in range(20):
+        out, kept = sample_window(ids, media, M, random.Random(seed), max_tokens=64, max_images=5)
+        s = ids.index(out[0])
+        assert ids[s : s + 64] == out  # at most 2 markers fit in 64 tokens here: none removed
+        starts.add(s)
+    assert len(starts) > 5
+
+
+def test_window_prefers_spans_with_an_image():
+    ids = list(range(5, 600)) + [M, 1000] + [7] * 10  # one image at the very end
+    for seed in range(10):
+        out, kept = sample_window(ids, [0], M, random.Random(seed), max_tokens=64)
+        assert kept == [0] and M in out
+
+
+def test_short_document_is_kept_whole_with_images_capped():
+    ids, media = _doc(8, gap=3)
+    out, kept = sample_window(ids, media, M, random.Random(0), max_tokens=256, max_images=5)
+    assert kept == [0, 1, 2, 3, 4]
+    assert out.count(M) == 5 and len(out) == len(ids) - 3  # the 3 later markers removed, their text kept
+    _check_consistent(out, kept)
+
+
+def test_cap_images():
+    out, kept = cap_images([M, 1, M, 2, M, 3], ["a", "b", "c"], M, 2)
+    assert out == [M, 1, M, 2, 3] and kept == ["a", "b"]
+
+
+def test_labels_mask_images_padding_and_text_before_first_image():
+    ids = [1, 2, M, 3, 4, M, 5]
+    assert make_labels(ids, M) == [IGNORE, IGNORE, IGNORE, 3, 4, IGNORE, 5]
+    from engine.data.sampling import Sample
+
+    batch = collate([Sample(ids, ["a", "b"]), Sample([M, 8], ["c"])], pad_id=0, media_token_id=M)
+    assert batch.input_ids.shape == (2, 7)
+    assert batch.attention_mask[1].tolist() == [1, 1, 0, 0, 0, 0, 0]
+    assert batch.labels[1].tolist() == [IGNORE, 8] + [IGNORE] * 5
+    assert batch.num_media == 2 and batch.media == [["a", "b"], ["c"]]
+
+
+def test_stack_media_pads_rows_with_fewer_media():
+    a = torch.ones(1, 4, 3)
+    out = stack_media([[a, a], [a]], 2)
+    assert out.shape == (2, 2, 1, 4, 3) and out[1, 1].abs().sum() == 0
+
+
+def test_sequence_sampler_with_a_real_tokenizer():
+    tok = tiny_tokenizer()
+    media_id, eoc_id = add_flamingo_tokens(tok)
+    pairs = SequenceSampler(tok, media_id, "pairs", max_tokens=6)
+    s = pairs(Record(["x.png"], "<image>a photo of a cat sitting on a mat<EOC>", "pairs"))
+    assert s.input_ids[0] == media_id and len(s.input_ids) == 6 and s.media == ["x.png"]
+    full = pairs.encode("<image>a cat<EOC>")
+    assert full[0] == media_id and full[-1] == eoc_id
+    with pytest.raises(ValueError, match="markers"):
+        pairs(Record(["x.png", "y.png"], "<image>one marker only<EOC>", "pairs"))
+
+    doc = "".join(f"<image>the quick brown fox number {k}.<EOC>" for k in range(9))
+    inter = SequenceSampler(tok, media_id, "interleaved", max_tokens=256, max_images=5, seed=3)
+    s = inter(Record([f"{k}.png" for k in range(9)], doc, "interleaved"))
+    assert s.media == [f"{k}.png" for k in range(5)] and s.input_ids.count(media_id) == 5
+
+
+def test_sampler_rng_state_roundtrip():
+    tok = tiny_tokenizer()
+    media_id, _ = add_flamingo_tokens(tok)
+    doc = "".join(f"<image>the quick brown fox jumps over the lazy dog {k}.<EOC>" for k in range(20))
+    rec = Record([str(k) for k in range(20)], doc, "interleaved")
+    a = SequenceSampler(tok, media_id, "interleaved", max_tokens=32, seed=1)
+    a(rec)
+    state = a.state_dict()
+    want = [a(rec).input_ids for _ in range(3)]
+    b = SequenceSampler(tok, media_id, "interleaved", max_tokens=32, seed=99)
+    b.load_state_dict(state)
+    assert [b(rec).input_ids for _ in range(3)] == want
