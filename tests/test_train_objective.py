@@ -1,0 +1,160 @@
+"""The weighted objective, step strategies, optimiser groups and config validation."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine.objective import DatasetFeed, FlamingoLoss, step_plan
+from engine.testing import tiny_model
+from engine.train import Trainer, param_groups
+from engine.train_config import dataset_path, parse_train_config
+from tests.train_fixtures import tiny_train_config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _capture_grads(trainer):
+    """Records the gradients each optimiser step sees."""
+    seen = []
+    original = trainer.optimizer.step
+
+    def step(*a, **k):
+        seen.append({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        return original(*a, **k)
+
+    trainer.optimizer.step = step
+    return seen
+
+
+def test_step_plan():
+    assert step_plan(0, [1, 0.2, 0.03], "accumulation") == [0, 1, 2]
+    assert [step_plan(s, [1, 0.2, 0.03], "round_robin") for s in range(4)] == [[0], [1], [2], [0]]
+    assert step_plan(3, [1, 0, 0.5], "accumulation") == [0, 2]
+    assert [step_plan(s, [1, 0, 0.5], "round_robin") for s in range(3)] == [[0], [2], [0]]
+    with pytest.raises(ValueError, match="weight 0"):
+        step_plan(0, [0, 0], "accumulation")
+
+
+def test_accumulation_gradient_is_the_weighted_sum(corpus, tmp_path):
+    cfg = parse_train_config(tiny_train_config(corpus, tmp_path / "r", **{"optim.max_grad_norm": 0}))
+    t = Trainer(cfg, model=tiny_model(seed=1), resume=False)
+    grads = _capture_grads(t)
+    m = t.train_step()
+    assert set(m) >= {"loss/m3w", "loss/ltip", "loss/vtp"}
+    assert m["loss"] == pytest.approx(m["loss/m3w"] + 0.2 * m["loss/ltip"] + 0.03 * m["loss/vtp"])
+    assert all(f.stream.cursor == f.batch_size for f in t.feeds)  # one batch of every dataset
+
+    # the same batches by hand, from fresh feeds with the same seeds
+    model = tiny_model(seed=1)
+    loss_mod = FlamingoLoss(model)
+    fresh = [DatasetFeed(dataclasses.replace(ds, path=str(dataset_path(cfg, ds))), model.tokenizer, model.media_token_id,
+                         model.tokenizer.pad_token_id, seed=0, rank=0, world=1, cache=t.feeds[0].cache,
+                         image_size=32, num_frames=2) for ds in cfg.data.datasets]
+    total = 0
+    for f in fresh:
+        b = f.next_batch()
+        total = total + f.weight * loss_mod(b.input_ids, b.attention_mask, b.labels, features=b.features)
+    total.backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    got = {k.removeprefix("model."): v for k, v in grads[0].items()}
+    assert set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
+
+
+def test_round_robin_uses_one_dataset_per_step(corpus, tmp_path):
+    cfg = parse_train_config(tiny_train_config(corpus, tmp_path / "r", **{"optim.strategy": "round_robin"}))
+    t = Trainer(cfg, model=tiny_model(), resume=False)
+    keys = []
+    for _ in range(4):
+        m = t.train_step()
+        keys.append(sorted(k for k in m if k.startswith("loss/")))
+    assert keys == [["loss/m3w"], ["loss/ltip"], ["loss/vtp"], ["loss/m3w"]]
+    assert [f.stream.cursor for f in t.feeds] == [4 % 6, 2, 2]  # m3w: two batches of 2
+
+
+def test_weight_zero_dataset_adds_no_gradient(corpus, tmp_path):
+    datasets = tiny_train_config(corpus, tmp_path)["data"]["datasets"]
+    with_zero = tiny_train_config(corpus, tmp_path / "a", **{"optim.max_grad_norm": 0})
+    with_zero["data"]["datasets"] = [dict(datasets[0]), dict(datasets[1], weight=0.0)]
+    alone = tiny_train_config(corpus, tmp_path / "b", **{"optim.max_grad_norm": 0})
+    alone["data"]["datasets"] = [dict(datasets[0])]
+    ga = _capture_grads(ta := Trainer(parse_train_config(with_zero), model=tiny_model(), resume=False))
+    gb = _capture_grads(tb := Trainer(parse_train_config(alone), model=tiny_model(), resume=False))
+    for _ in range(2):
+        ta.train_step(), tb.train_step()
+    for a, b in zip(ga, gb):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ta.feeds[1].stream.cursor == 0  # never drawn
+
+
+def test_weight_zero_loss_has_zero_gradient(corpus, tmp_path):
+    """The objective itself: 0 * loss contributes exactly nothing."""
+    model = tiny_model(gates=0.5)
+    cfg = parse_train_config(tiny_train_config(corpus, tmp_path))
+    ds = cfg.data.datasets[1]
+    f = DatasetFeed(dataclasses.replace(ds, path=str(dataset_path(cfg, ds))), model.tokenizer, model.media_token_id,
+                    model.tokenizer.pad_token_id, seed=0, rank=0, world=1, cache=None, image_size=32, num_frames=2)
+    b = f.next_batch()
+    (0.0 * FlamingoLoss(model)(b.input_ids, b.attention_mask, b.labels, pixels=b.pixels)).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_param_groups_decay_only_weight_matrices():
+    model = tiny_model()
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    dn = {names[id(p)] for p in decay["params"]}
+    nn_ = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert any("to_kv" in n for n in dn) and any(n.endswith("ff.1.weight") for n in dn)
+    assert all(not any(k in n for k in ("gate", "latents", "time_embeddings", "new_token", "norm")) for n in dn)
+    assert any("attn_gate" in n for n in nn_) and "resampler.latents" in nn_ and "new_token_embeddings" in nn_
+    assert all("gated_block" in n for n in dn | nn_ if n.startswith("lm."))  # the frozen LM is not in the optimiser
+
+
+def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
+    cfg = parse_train_config(tiny_train_config(corpus, tmp_path / "r", **{"optim.freeze_lm": False, "run.max_steps": 1}))
+    t = Trainer(cfg, model=tiny_model(), resume=False)
+    opt_params = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    lm_params = list(t.model.lm.parameters())
+    assert all(id(p) in opt_params for p in lm_params)
+    t.fit()
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "r" / "checkpoints" / "step-1" / "trainable.safetensors")
+    assert any("embed_tokens" in k for k in saved) and any("self_attn" in k for k in saved)
+    assert (tmp_path / "r" / "model" / "lm" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"optim": {"lrr": 1}}, "unknown key optim.lrr"),
+    ({"run": {"max_steps": "ten"}}, "run.max_steps: expected an integer"),
+    ({"optim": {"strategy": "mix"}}, "optim.strategy: 'mix' is not one of accumulation, round_robin"),
+    ({"model": {"resampler": {"dimm": 3}}}, "dimm"),
+    ({"model": {}, "init_from": "x"}, "either 'model' or 'init_from'"),
+    ({"data": {"datasets": [{"name": "a", "path": "x", "kind": "pair"}]}}, r"datasets\[0\] \(a\).kind: 'pair'"),
+    ({"data": {"datasets": [{"name": "a", "path": "x", "weight": -1}]}}, "weight must be >= 0"),
+    ({"data": {"datasets": [{"name": "a"}]}}, "missing key data.datasets\\[0\\].path"),
+    ({"data": {"datasets": []}}, "data.datasets is empty"),
+    ({"optim": {"freeze_vision": False}}, "feature_cache needs a frozen vision tower"),
+    ({"surprise": 1}, "unknown key surprise"),
+])
+def test_config_validation_names_the_bad_key(corpus, tmp_path, patch, message):
+    raw = tiny_train_config(corpus, tmp_path)
+    for k, v in patch.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) and k in raw and k != "model" else v
+    with pytest.raises(ValueError, match=message):
+        parse_train_config(raw, "cfg.yaml")
+
+
+def test_config_reads_yaml_numbers_and_defaults(corpus, tmp_path):
+    raw = tiny_train_config(corpus, tmp_path, **{"optim.lr": "1e-4"})
+    cfg = parse_train_config(raw)
+    assert cfg.optim.lr == 1e-4 and cfg.data.datasets[1].max_tokens == 64 and cfg.data.datasets[0].max_tokens == 48
