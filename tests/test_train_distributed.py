@@ -1,0 +1,67 @@
+"""Two processes on CPU (DDP over gloo): both ranks end with identical weights."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train_fixtures import write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from safetensors.torch import save_file
+    from engine.testing import tiny_model
+    from engine.train import Trainer
+    from engine.train_config import parse_train_config
+    from tests.train_fixtures import tiny_train_config
+
+    corpus, run = sys.argv[1], sys.argv[2]
+    cfg = parse_train_config(tiny_train_config(corpus, run, **{{"run.max_steps": 3, "run.save_every": 2}}))
+    t = Trainer(cfg, model=tiny_model(seed=0), resume=False)
+    assert t.world == 2, t.world
+    t.fit()
+    weights = {{n: p.detach().contiguous() for n, p in t.model.named_parameters() if p.requires_grad}}
+    save_file(weights, f"{{run}}/rank{{t.rank}}.safetensors")
+    # each rank read its own share of the data
+    print("FIRST", t.rank, t.feeds[1].stream.source[t.feeds[1].stream._epoch_order()[0]].media[0].name, flush=True)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_end_identical(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(corpus), str(run)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = load_file(run / "rank0.safetensors"), load_file(run / "rank1.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the weights moved from the initialisation
+    from engine.testing import tiny_model
+
+    init = {n: p for n, p in tiny_model(seed=0).named_parameters() if p.requires_grad}
+    assert any(not torch.equal(init[k], a[k]) for k in a)
+    firsts = sorted(l.split()[2] for l in proc.stdout.splitlines() if l.startswith("FIRST"))
+    assert len(firsts) == 2 and firsts[0] != firsts[1]
+    assert (run / "checkpoints" / "step-2" / "rank-1.pt").is_file() and (run / "model" / "flamingo.safetensors").is_file()
