@@ -61,7 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="fraction of concepts held out for evaluation, by concept; default 0.15")
     p.add_argument("--workers", type=_positive, default=None, metavar="N",
                    help="worker processes (default: min(2, CPUs))")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are only drawn on a terminal anyway)")
     p.add_argument("--force", action="store_true",
                    help="allow writing into a non-empty folder that holds no corpus")
     return p
@@ -82,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = BuildConfig(out=args.out, seed=args.seed, sizes=sizes, clipart_dir=args.clipart_dir,
                       emoji_font=args.emoji_font, max_concepts=args.max_concepts or 700,
                       heldout_fraction=args.heldout_fraction,
-                      progress=not args.no_progress, force=args.force)
+                      progress=not args.no_progress and sys.stderr.isatty(),
+                      force=args.force)
     if args.workers:
         cfg.workers = args.workers
     if not logging.getLogger().handlers:
