@@ -6,17 +6,16 @@ the database or files directly. Stable elem_ids are listed in shared/CONTRACTS.m
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
 
 from app import views
-from app.config import AppConfig, ChatOptions
-from app.service import ChatService, ReplyUpdate
-from app.store import NotFound
+from app.config import AppConfig
+from app.service import ChatService
+from app.ui_chat import IDLE_INPUT, wire_chat
 from app.ui_examples import build_examples_tab
-from engine.conversation import GenerationSettings
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +25,6 @@ CSS = """
 #sessions label { width: 100%; }
 #chatbot button[aria-label="Share"] { display: none; }  /* posts to Hugging Face: not offline */
 """
-
-BUSY_INPUT = dict(submit_btn=False, stop_btn=True)
-IDLE_INPUT = dict(submit_btn=True, stop_btn=False)
 
 
 def theme() -> gr.themes.Theme:
@@ -56,18 +52,12 @@ class ChatParts:
     num_frames: gr.Slider
     prompt_debug: gr.Markdown
     export_file: gr.File
+    buttons: dict = field(default_factory=dict)
 
     @property
     def option_inputs(self) -> list:
         return [self.example_set, self.rices, self.rices_k, self.temperature,
                 self.max_new_tokens, self.num_frames]
-
-
-def chat_options(set_value, rices, rices_k, temperature, max_new_tokens, num_frames) -> ChatOptions:
-    settings = GenerationSettings(
-        max_new_tokens=int(max_new_tokens), temperature=float(temperature), num_frames=int(num_frames)
-    )
-    return ChatOptions(settings, views.set_id_of(set_value), bool(rices), int(rices_k))
 
 
 def build_ui(service: ChatService, config: AppConfig) -> gr.Blocks:
@@ -78,9 +68,14 @@ def build_ui(service: ChatService, config: AppConfig) -> gr.Blocks:
                 chat = _chat_layout(config)
             with gr.Tab("Few-shot examples", id="examples", elem_id="examples-tab"):
                 build_examples_tab(service, config, chat.example_set)
-        _wire_chat(service, config, chat)
+        tabs = wire_chat(service, config, chat)
         demo.load(lambda: service.model_status(), None, status, queue=False)
         demo.load(lambda: _page_load(service), None, [chat.sessions, chat.example_set], queue=False)
+
+        def tab_closed(request: gr.Request) -> None:
+            tabs.forget(request.session_hash)
+
+        demo.unload(tab_closed)
     return demo
 
 
@@ -105,8 +100,7 @@ def _chat_layout(config: AppConfig) -> ChatParts:
                                     variant="stop", visible=False)
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(elem_id="chatbot", label="Conversation", height=520,
-                                 buttons=["copy"], feedback_options=None, allow_file_downloads=False,
-                                 group_consecutive_messages=False)
+                                 buttons=["copy"], feedback_options=None, allow_file_downloads=False)
             chat_input = gr.MultimodalTextbox(
                 elem_id="chat-input", file_types=["image", "video"], file_count="multiple",
                 placeholder="Ask about an image or a video; drop or paste files here",
@@ -131,189 +125,10 @@ def _chat_layout(config: AppConfig) -> ChatParts:
                                            elem_id="num-frames")
             with gr.Accordion("Prompt details", open=False, elem_id="prompt-details"):
                 prompt_debug = gr.Markdown("*No reply yet.*", elem_id="prompt-debug")
-    parts = ChatParts(gr.State(None), sessions, title, chatbot, chat_input, example_set, rices, rices_k,
-                      temperature, max_new_tokens, num_frames, prompt_debug, export_file)
-    parts.buttons = dict(new=new_session, rename=rename, export=export, delete=delete,
-                         confirm=confirm, regenerate=regenerate)
-    return parts
-
-
-# ---- chat handlers ------------------------------------------------------------------------
-
-
-def _session_list(service: ChatService, selected: str | None) -> gr.Radio:
-    return gr.Radio(choices=views.session_choices(service.list_sessions()), value=selected)
-
-
-def _stream_outputs(chat: ChatParts) -> list:
-    return [chat.chatbot, chat.chat_input, chat.state, chat.sessions, chat.prompt_debug, chat.title]
-
-
-def _render_updates(service: ChatService, chat: ChatParts, updates, session_id: str | None,
-                    text: str | None):
-    """Turn the service's ReplyUpdates into component updates (a generator for Gradio).
-    `text` is the message being sent (None for regenerate, which leaves the box alone)."""
-    shown = _history(service, session_id)
-    busy = gr.MultimodalTextbox(**BUSY_INPUT) if text is None else gr.MultimodalTextbox(value=None, **BUSY_INPUT)
-    yield {chat.chatbot: shown, chat.chat_input: busy}
-    base: list = shown
-    for update in updates:
-        if update.status == "rejected":
-            yield _rejected(service, chat, update, shown, text)
-            return
-        if update.status == "accepted":
-            base = _history(service, update.session_id)
-            yield _accepted(service, chat, update, base)
-        elif update.status == "streaming":
-            partial = {"role": "assistant", "content": views.reply_text(update.text, "streaming")}
-            yield {chat.chatbot: base + [partial]}
-        else:
-            yield _finished(service, chat, update)
-
-
-def _rejected(service: ChatService, chat: ChatParts, update: ReplyUpdate, shown: list,
-              text: str | None) -> dict:
-    restored = {} if text is None else {"value": {"text": text, "files": []}}
-    return {
-        chat.chatbot: shown + [views.error_message(update.error or "The message was not accepted.")],
-        chat.chat_input: gr.MultimodalTextbox(**restored, **IDLE_INPUT),
-        chat.state: update.session_id,
-        chat.sessions: _session_list(service, update.session_id),
-    }
-
-
-def _accepted(service: ChatService, chat: ChatParts, update: ReplyUpdate, base: list) -> dict:
-    info = service.open_session(update.session_id).info
-    return {
-        chat.chatbot: base + [{"role": "assistant", "content": "…"}],
-        chat.state: update.session_id,
-        chat.sessions: _session_list(service, update.session_id),
-        chat.title: info.title,
-    }
-
-
-def _finished(service: ChatService, chat: ChatParts, update: ReplyUpdate) -> dict:
-    return {
-        chat.chatbot: _history(service, update.session_id),
-        chat.prompt_debug: views.prefix_list_markdown(update.prefix),
-        chat.chat_input: gr.MultimodalTextbox(**IDLE_INPUT),
-        chat.sessions: _session_list(service, update.session_id),
-    }
-
-
-def _history(service: ChatService, session_id: str | None) -> list:
-    if session_id is None:
-        return []
-    try:
-        return as_gradio(views.history(service.open_session(session_id).turns))
-    except NotFound:
-        return []
-
-
-def _media_component(item: dict):
-    if item.get("kind") == "video":
-        return gr.Video(item["path"], buttons=["download"], autoplay=False, loop=False)
-    return gr.Image(item["path"], buttons=["fullscreen", "download"])
-
-
-def as_gradio(messages: list[dict]) -> list[dict]:
-    """views' messages with media items as inline Gradio components (no share buttons)."""
-    def convert(part):
-        return _media_component(part) if isinstance(part, dict) and "path" in part else part
-
-    out = []
-    for message in messages:
-        content = message["content"]
-        content = [convert(c) for c in content] if isinstance(content, list) else convert(content)
-        out.append({**message, "content": content})
-    return out
-
-
-def _wire_chat(service: ChatService, config: AppConfig, chat: ChatParts) -> None:
-    b = chat.buttons
-    outputs = _stream_outputs(chat)
-
-    def respond(message, session_id, *option_values):
-        message = message or {}
-        text, files = message.get("text") or "", message.get("files") or []
-        options = chat_options(*option_values)
-        updates = service.send(session_id, text, files, options)
-        yield from _render_updates(service, chat, updates, session_id, text)
-
-    def regenerate(session_id, *option_values):
-        if session_id is None:
-            yield {chat.chatbot: [views.error_message("Nothing to regenerate yet.")]}
-            return
-        updates = service.regenerate(session_id, chat_options(*option_values))
-        yield from _render_updates(service, chat, updates, session_id, None)
-
-    limit = max(1, config.concurrency)
-    sent = chat.chat_input.submit(respond, [chat.chat_input, chat.state, *chat.option_inputs], outputs,
-                                  concurrency_limit=limit, concurrency_id="reply")
-    again = b["regenerate"].click(regenerate, [chat.state, *chat.option_inputs], outputs,
-                                  concurrency_limit=limit, concurrency_id="reply")
-    retried = chat.chatbot.retry(regenerate, [chat.state, *chat.option_inputs], outputs,
-                                 concurrency_limit=limit, concurrency_id="reply")
-    for event in (sent, again, retried):
-        event.then(lambda: gr.MultimodalTextbox(**IDLE_INPUT), None, chat.chat_input, queue=False)
-    chat.chat_input.stop(lambda sid: service.stop(sid) and None, chat.state, None, queue=False)
-    _wire_sessions(service, chat)
-
-
-def _wire_sessions(service: ChatService, chat: ChatParts) -> None:
-    b = chat.buttons
-
-    def new_session():
-        return {chat.state: None, chat.chatbot: [], chat.sessions: gr.Radio(value=None),
-                chat.title: "", chat.prompt_debug: "*No reply yet.*",
-                chat.export_file: gr.File(value=None, visible=False)}
-
-    def open_session(session_id):
-        if not session_id:
-            return new_session()
-        try:
-            view = service.open_session(session_id)
-        except NotFound:
-            gr.Warning("That conversation no longer exists.")
-            return {chat.sessions: _session_list(service, None)}
-        set_value = str(view.info.example_set_id) if view.info.example_set_id else views.NO_SET
-        return {chat.state: session_id, chat.chatbot: as_gradio(views.history(view.turns)), chat.title: view.info.title,
-                chat.example_set: set_value, chat.prompt_debug: views.prefix_markdown(view.turns),
-                chat.export_file: gr.File(value=None, visible=False)}
-
-    def rename(session_id, title):
-        if session_id:
-            try:
-                service.rename_session(session_id, title)
-            except ValueError as exc:
-                gr.Warning(str(exc))
-        return _session_list(service, session_id)
-
-    def export(session_id):
-        if not session_id:
-            gr.Warning("Open a conversation first.")
-            return gr.File(visible=False)
-        return gr.File(value=str(service.export_session(session_id)), visible=True)
-
-    def delete(session_id):
-        if session_id:
-            try:
-                service.delete_session(session_id)
-            except NotFound:
-                pass
-        return {**new_session(), chat.sessions: _session_list(service, None),
-                b["confirm"]: gr.Button(visible=False)}
-
-    everything = [chat.state, chat.chatbot, chat.sessions, chat.title, chat.example_set,
-                  chat.prompt_debug, chat.export_file, b["confirm"]]
-    b["new"].click(new_session, None, everything, queue=False)
-    chat.chatbot.clear(new_session, None, everything, queue=False)
-    chat.sessions.input(open_session, chat.sessions, everything)
-    b["rename"].click(rename, [chat.state, chat.title], chat.sessions)
-    chat.title.submit(rename, [chat.state, chat.title], chat.sessions)
-    b["export"].click(export, chat.state, chat.export_file)
-    b["delete"].click(lambda sid: gr.Button(visible=bool(sid)), chat.state, b["confirm"], queue=False)
-    b["confirm"].click(delete, chat.state, everything)
+    buttons = dict(new=new_session, rename=rename, export=export, delete=delete,
+                   confirm=confirm, regenerate=regenerate)
+    return ChatParts(gr.State(None), sessions, title, chatbot, chat_input, example_set, rices, rices_k,
+                     temperature, max_new_tokens, num_frames, prompt_debug, export_file, buttons)
 
 
 def launch_options(config: AppConfig) -> dict:

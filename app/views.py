@@ -42,7 +42,9 @@ def history(turns: Sequence[TurnRecord]) -> list[Message]:
 
 
 def error_message(message: str) -> Message:
-    return {"role": "assistant", "content": f"⚠️ {message}"}
+    """A notice in the chat (not stored): the message was not sent, and why."""
+    return {"role": "assistant", "content": "Nothing was stored; the next message works as usual.",
+            "metadata": {"title": f"⚠️ Not sent: {message}", "status": "done"}}
 
 
 def session_choices(sessions: Sequence[SessionInfo]) -> list[tuple[str, str]]:

@@ -137,10 +137,9 @@ def shot(page, name: str) -> None:
 def ask(page, text: str, files: list[Path] = ()) -> None:
     if files:
         page.locator("#chat-input input[type=file]").set_input_files([str(f) for f in files])
-        for f in files:  # the upload is done when its preview is in the box
-            page.wait_for_function(
-                "n => document.querySelector('#chat-input').innerText.includes(n) || "
-                "document.querySelectorAll('#chat-input img, #chat-input video').length > 0", arg=f.name)
+        page.wait_for_function(  # the upload is done when its thumbnails are in the box
+            "n => document.querySelectorAll('#chat-input [aria-label=\"File thumbnail\"]').length >= n",
+            arg=len(files))
     page.locator("#chat-input textarea").fill(text)
     page.locator("#chat-input .submit-button").click()
 
@@ -155,6 +154,11 @@ def wait_reply_done(page, bot_messages: int) -> None:
         timeout=REPLY_TIMEOUT)
 
 
+def wait_count(page, selector: str, n: int) -> None:
+    """Wait until exactly `n` elements match (media in messages render a moment after the text)."""
+    page.wait_for_function("([s, n]) => document.querySelectorAll(s).length === n", arg=[selector, n])
+
+
 def open_tab(page, label: str) -> None:
     page.locator("button[role=tab]", has_text=label).first.click()
 
@@ -162,7 +166,7 @@ def open_tab(page, label: str) -> None:
 def test_image_question_gets_a_reply(page, inputs):
     ask(page, "What colour is this square?", [inputs.image((220, 20, 20))])
     wait_reply_done(page, 1)
-    assert page.locator("#chatbot [data-testid=user] img").count() == 1
+    wait_count(page, "#chatbot [data-testid=user] img", 1)
     assert "What colour is this square?" in page.locator("#chatbot").inner_text()
     assert page.locator("#sessions").inner_text().count("What colour is this square?") == 1
     shot(page, "chat-image")
@@ -172,7 +176,7 @@ def test_video_question_gets_a_reply(page, inputs):
     page.locator("#new-session").click()
     ask(page, "What happens in this clip?", [inputs.video()])
     wait_reply_done(page, 1)
-    assert page.locator("#chatbot [data-testid=user] video").count() == 1
+    wait_count(page, "#chatbot [data-testid=user] video", 1)
     assert "What happens in this clip?" in page.locator("#sessions").inner_text()
     shot(page, "chat-video")
 
@@ -181,14 +185,14 @@ def test_example_set_reaches_the_prompt(page, inputs, server):
     open_tab(page, "Few-shot examples")
     page.locator("#new-set-name textarea, #new-set-name input").first.fill("Colour captions")
     page.locator("#create-set").click()
-    page.wait_for_function("() => document.querySelector('#examples-status').innerText.includes('Created')")
+    page.wait_for_function("() => document.querySelector('#examples-status')?.innerText.includes('Created')")
     for colour, text in [((250, 0, 0), "A red square."), ((0, 0, 250), "A blue square.")]:
         page.locator("#example-media input[type=file]").set_input_files(str(inputs.image(colour)))
         page.wait_for_selector("#example-media .file-preview, #example-media table")
         page.locator("#example-text textarea").fill(text)
         page.locator("#add-example").click()
-        page.wait_for_function("t => document.querySelector('#example-picker').innerText.includes(t)", arg=text)
-    assert page.locator("#example-gallery img").count() == 2
+        page.wait_for_function("t => document.querySelector('#example-picker')?.innerText.includes(t)", arg=text)
+    wait_count(page, "#example-gallery img", 2)
     shot(page, "examples-tab")
 
     open_tab(page, "Chat")
@@ -214,9 +218,26 @@ def test_corrupt_upload_shows_an_error_and_next_message_works(page, inputs):
     page.locator("#chat-input textarea").fill("Just text now, please.")
     page.locator("#chat-input .submit-button").click()
     page.wait_for_function(
-        "() => document.querySelector('#chatbot').innerText.includes('Just text now, please.')")
+        "() => document.querySelector('#chatbot')?.innerText.includes('Just text now, please.')")
     wait_reply_done(page, 1)
     assert "could not be read" not in page.locator("#chatbot").inner_text()
+
+
+def test_rename_export_and_delete_a_session(page):
+    page.locator("#sessions label", has_text="Image chat").click()
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=bot]').length > 0")
+    page.locator("#session-actions").click()
+    page.locator("#session-title textarea, #session-title input").first.fill("Renamed chat")
+    page.locator("#rename-session").click()
+    page.wait_for_function("() => document.querySelector('#sessions')?.innerText.includes('Renamed chat')")
+    page.locator("#export-session").click()
+    page.locator("#session-export-file a").first.wait_for()
+    assert ".zip" in page.locator("#session-export-file").inner_text()
+    shot(page, "session-actions")
+    page.locator("#delete-session").click()
+    page.locator("#delete-session-confirm").click()
+    page.wait_for_function("() => !document.querySelector('#sessions')?.innerText.includes('Renamed chat')")
+    assert page.locator("#chatbot [data-testid=user]").count() == 0
 
 
 def test_restart_restores_sessions(server, browser):
@@ -226,14 +247,14 @@ def test_restart_restores_sessions(server, browser):
     page = context.new_page()
     page.goto(server.url)
     sessions = page.locator("#sessions")
-    page.wait_for_function("() => document.querySelector('#sessions').innerText.includes('What colour is this square?')")
+    page.wait_for_function("() => document.querySelector('#sessions')?.innerText.includes('What colour is this square?')")
     for title in ("What colour is this square?", "What happens in this clip?", "Just text now, please."):
         assert title in sessions.inner_text()
     sessions.locator("label", has_text="What colour is this square?").click()
     page.wait_for_function(
-        "() => document.querySelector('#chatbot').innerText.includes('What colour is this square?')")
-    assert page.locator("#chatbot [data-testid=user] img").count() == 1
-    assert page.locator("#chatbot [data-testid=bot]").count() == 1
+        "() => document.querySelector('#chatbot')?.innerText.includes('What colour is this square?')")
+    wait_count(page, "#chatbot [data-testid=user] img", 1)
+    wait_count(page, "#chatbot [data-testid=bot]", 1)
     shot(page, "restored-session")
     context.close()
     # nothing was written outside --data-dir
