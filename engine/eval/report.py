@@ -1,0 +1,107 @@
+"""The evaluation report: the contract JSON
+
+    {"model": ..., "task": ..., "results": [{"shots": k, "metric": name, "score": x, "n": count,
+     ...extra: "std", "seeds", "blind_score", "calibrated_score", "chance", ...}, ...], ...}
+
+and a shots-vs-score plot beside it (FILE.png): one panel per metric, error bars = the spread
+(std) over seeds, the image-blind control dashed, the calibrated score dotted, chance and
+majority baselines as grey lines.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def _clean(x):
+    """JSON without NaN/Infinity (they are not JSON): None instead."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Writes atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(_clean(payload), f, indent=2, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_path(json_path: str | Path) -> Path:
+    p = Path(json_path)
+    return p.with_suffix(".png") if p.suffix else p.with_name(p.name + ".png")
+
+
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x)) else None
+
+
+def plot_results(payload: dict, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    results = payload.get("results", [])
+    metrics = list(dict.fromkeys(r["metric"] for r in results))
+    n = max(1, len(metrics))
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        rows = sorted((r for r in results if r["metric"] == metric), key=lambda r: r["shots"])
+        xs = [r["shots"] for r in rows]
+
+        def series(key, std_key=None):
+            ys = [_num(r.get(key)) for r in rows]
+            errs = [(_num(r.get(std_key)) or 0.0) if std_key else 0.0 for r in rows]
+            pts = [(x, y, e) for x, y, e in zip(xs, ys, errs) if y is not None]
+            return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+
+        x, y, e = series("score", "std")
+        if x:
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=4, label="model")
+        x, y, e = series("calibrated_score", "calibrated_std")
+        if x:
+            ax.errorbar(x, y, yerr=e, marker="s", linestyle=":", capsize=4, label="calibrated")
+        x, y, e = series("blind_score", "blind_std")
+        if x:
+            ax.errorbar(x, y, yerr=e, marker="x", linestyle="--", capsize=4, color="tab:red", label="image-blind")
+        x, y, e = series("reference_score")
+        if x:
+            ax.plot(x, y, marker="^", linestyle="--", color="tab:green", label="bare LM")
+        for key, label in (("chance", "chance"), ("majority_baseline", "majority answer")):
+            vals = [_num(r.get(key)) for r in rows if _num(r.get(key)) is not None]
+            if vals:
+                ax.axhline(sum(vals) / len(vals), color="grey", linestyle="-." if key == "chance" else ":", linewidth=1, label=label)
+        ax.set_title(metric)
+        ax.set_xlabel("shots")
+        ax.set_ylabel(metric)
+        if xs:
+            ax.set_xticks(sorted(set(xs)))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{payload.get('task', '')} — {payload.get('model', '')}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(json_path: str | Path, payload: dict) -> tuple[Path, Path]:
+    """The JSON at `json_path` and the plot beside it (same name, .png)."""
+    out = write_json(json_path, payload)
+    png = plot_results(payload, plot_path(out))
+    return out, png

@@ -1,0 +1,65 @@
+"""Choosing the support (few-shot) examples of a query.
+
+* random: a seeded sample from the pool (never the query itself, nor an item sharing its media);
+  drawn once for the largest shot count and cut, so the 4 shots are the first 4 of the 8.
+* RICES (Retrieval-based In-Context Example Selection, Yang et al. 2022, used by Flamingo): the
+  pool items whose frozen vision-tower embedding (features mean-pooled over frames and positions)
+  is closest to the query's by cosine similarity, ordered with the MOST similar LAST, nearest to
+  the query in the prompt.
+* spread_over_classes: k shots of an N-way episode spread as evenly as possible over the classes.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def random_support(pool: Sequence[int], k: int, rng: random.Random, max_k: int | None = None) -> list[int]:
+    """k items of `pool` in random order: the first k of one draw of max(k, max_k) items."""
+    if k <= 0 or not pool:
+        return []
+    n = min(max(k, max_k or 0), len(pool))
+    return rng.sample(list(pool), n)[:k]
+
+
+def spread_over_classes(k: int, classes: Sequence, rng: random.Random) -> dict:
+    """{class: count} with counts summing to k and differing by at most one; which classes get
+    the extra shots is drawn from `rng`."""
+    if not classes:
+        raise ValueError("no classes to spread shots over")
+    if k < 0:
+        raise ValueError(f"the number of shots must be >= 0, got {k}")
+    base, extra = divmod(k, len(classes))
+    lucky = set(rng.sample(range(len(classes)), extra))
+    return {c: base + (1 if i in lucky else 0) for i, c in enumerate(classes)}
+
+
+class Rices:
+    """Cosine-similarity retrieval over precomputed embeddings (P, d) of a pool."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        if embeddings.dim() != 2:
+            raise ValueError(f"RICES embeddings must be (P, d), got shape {tuple(embeddings.shape)}")
+        self.embeddings = F.normalize(embeddings.float(), dim=-1)
+
+    def similarities(self, query: torch.Tensor | int) -> torch.Tensor:
+        """(P,) cosine similarity of every pool item to the query (an embedding, or a pool index)."""
+        q = self.embeddings[query] if isinstance(query, int) else F.normalize(query.float().reshape(-1), dim=0)
+        return self.embeddings @ q
+
+    def order(self, query: torch.Tensor | int, indices: Sequence[int]) -> list[int]:
+        """`indices` sorted by similarity to the query, ascending: the most similar last."""
+        sims = self.similarities(query)
+        return sorted(indices, key=lambda i: (float(sims[i]), -i))
+
+    def select(self, query: torch.Tensor | int, k: int, candidates: Sequence[int] | None = None) -> list[int]:
+        """The k candidates most similar to the query, the most similar last."""
+        if k <= 0:
+            return []
+        sims = self.similarities(query)
+        pool = list(range(len(self.embeddings))) if candidates is None else list(candidates)
+        best = sorted(pool, key=lambda i: (-float(sims[i]), i))[:k]
+        return best[::-1]

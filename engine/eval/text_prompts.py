@@ -1,0 +1,61 @@
+"""Fifty general text prompts for the text-only check (`python -m engine eval --task text`):
+questions, instructions and facts a small chat LM can answer. With no media in the prompt the
+Flamingo model must answer exactly as its frozen LM does."""
+
+TEXT_PROMPTS: list[str] = [
+    # questions
+    "What is the capital of France?",
+    "How many days are there in a week?",
+    "What colour is the sky on a clear day?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet in the solar system?",
+    "How many legs does a spider have?",
+    "What do bees make?",
+    "What is the boiling point of water in Celsius?",
+    "Which animal is known as the king of the jungle?",
+    "What is the opposite of hot?",
+    "How many continents are there?",
+    "What is the main language spoken in Brazil?",
+    "Why do leaves change colour in autumn?",
+    "What is photosynthesis?",
+    "What is the tallest mountain in the world?",
+    "How many minutes are in an hour?",
+    "What gas do people need to breathe?",
+    "What is the freezing point of water in Fahrenheit?",
+    # instructions
+    "Write one sentence about a cat.",
+    "Give me three names for a pet dog.",
+    "List the first five even numbers.",
+    "Describe an apple in one sentence.",
+    "Write a short greeting for a birthday card.",
+    "Explain what a rainbow is to a child.",
+    "Suggest a healthy breakfast.",
+    "Translate 'good morning' into Spanish.",
+    "Write a haiku about the sea.",
+    "Give me a tip for sleeping better.",
+    "Summarise the story of Cinderella in two sentences.",
+    "Name three fruits that are red.",
+    "Tell me a fun fact about octopuses.",
+    "Write a polite email subject line asking for a meeting.",
+    "Explain how to make a cup of tea.",
+    "Give two reasons to learn a second language.",
+    "Spell the word 'banana' backwards.",
+    "What is 12 plus 7?",
+    "Count from one to five.",
+    "Rewrite this sentence in the past tense: I walk to school.",
+    # facts and short chats
+    "Hello! How are you today?",
+    "Tell me about the moon.",
+    "What is a computer?",
+    "Why is exercise important?",
+    "What does a doctor do?",
+    "Explain what gravity is.",
+    "What are the three states of matter?",
+    "Who was Albert Einstein?",
+    "What is the difference between a cat and a dog?",
+    "Why do we need sleep?",
+    "What is the water cycle?",
+    "Thank you for your help!",
+]
+
+assert len(TEXT_PROMPTS) == 50

@@ -1,0 +1,306 @@
+"""engine.eval with the tiny model: the cached candidate scorer against a naive forward, greedy
+decoding, the readers, and `eval` end to end on a tiny corpus written here."""
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from engine.eval import tasks as E
+from engine.eval.datasets import load_task_data, read_coco_captions, read_vqav2, subset
+from engine.eval.scoring import (MediaBank, _forward, encode_text, greedy_generate, naive_continuation_logprob,
+                                 score_continuations)
+from engine.testing import tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model is far faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 210, 40), (200, 40, 200), (40, 200, 210), (120, 120, 120)]
+
+
+# ----- the scorer ------------------------------------------------------------------------------------
+def _visual(model, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(model.config.resampler.num_latents, model.resampler.dim, generator=g) for _ in range(n)]
+
+
+def _conts(model, texts):
+    return [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("family, xattn", [("llama", {}), ("gpt_neox", {"only_last_media": False}),
+                                           ("llama", {"dense_on_text_only": False, "every_n_layers": 2})])
+def test_cached_context_scores_equal_naive_full_forward(family, xattn):
+    model = tiny_model(family, gates=0.7, **xattn).eval()
+    ids = encode_text(model, "<image>This is a cat.<EOC><image>This is a dog.<EOC><image>This is")
+    conts = _conts(model, [" a cat.<EOC>", " a dog.<EOC>", " an apple on a mat.<EOC>", " x"])
+    real = _visual(model, 3, seed=1)
+    content_free = real[:2] + _visual(model, 1, seed=2)
+    blind = _visual(model, 3, seed=3)
+    for variants in ([real, content_free], [real], [blind], [real, content_free, blind]):
+        got = score_continuations(model, ids, variants, conts)
+        want = torch.tensor([[naive_continuation_logprob(model, ids, v, c) for c in conts] for v in variants])
+        assert got.shape == (len(variants), len(conts))
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    # media differences change the scores (the gates are open), so the check has teeth
+    assert not torch.allclose(score_continuations(model, ids, [real], conts), score_continuations(model, ids, [blind], conts))
+
+
+def test_cached_scores_text_only_and_single_token_candidates():
+    model = tiny_model(gates=0.5).eval()
+    ids = encode_text(model, "Question: What is in the image? Answer:")
+    conts = _conts(model, [" a", " b", " the cat"])
+    got = score_continuations(model, ids, [None], conts)
+    want = torch.tensor([[naive_continuation_logprob(model, ids, None, c) for c in conts]])
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_greedy_generate_matches_step_by_step_argmax():
+    model = tiny_model(gates=0.5).eval()
+    ids = encode_text(model, "<image>A photo of a cat.<EOC><image>")
+    visual = _visual(model, 2)
+    out = greedy_generate(model, ids, visual, max_new_tokens=6, stop_ids=[])
+    assert len(out) == 6
+    seq = list(ids)
+    for _ in range(6):
+        logits = _forward(model, torch.tensor([seq]), torch.stack(visual)[None]).logits[0, -1]
+        logits[model.media_token_id] = float("-inf")
+        seq.append(int(logits.argmax()))
+    assert out == seq[len(ids):]
+    with pytest.raises(ValueError, match="markers"):
+        greedy_generate(model, ids, visual[:1], 3)
+
+
+def test_media_bank_blank_and_cache(tmp_path):
+    model = tiny_model().eval()
+    p = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(p)
+    bank = MediaBank(model)
+    v = bank.visual(str(p))
+    assert v.shape == (model.config.resampler.num_latents, model.resampler.dim)
+    assert bank.visual(str(p)) is v
+    assert not torch.equal(bank.blank(1), v)
+    assert bank.embeddings([str(p)]).shape == (1, model.vision.feature_dim)
+
+
+# ----- a tiny corpus --------------------------------------------------------------------------------
+def _image(path, colour, seed):
+    rng = random.Random(seed)
+    im = Image.new("RGB", (32, 32), colour)
+    for _ in range(6):
+        x, y = rng.randrange(28), rng.randrange(28)
+        im.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 4, y + 4))
+    im.save(path)
+
+
+def _video(path, colour, direction):
+    frames = []
+    for t in range(4):
+        im = Image.new("RGB", (32, 32), (250, 250, 250))
+        x = 4 + 6 * t if direction == "right" else 22 - 6 * t
+        im.paste(colour, (x, 12, x + 8, 20))
+        frames.append(im)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_tiny_corpus(root):
+    """A corpus-format held-out split: 32-pixel images, 4-frame GIF videos, all five files."""
+    (root / "media").mkdir(parents=True, exist_ok=True)
+    n = 0
+
+    def img(colour):
+        nonlocal n
+        n += 1
+        rel = f"media/{n:03d}.png"
+        _image(root / rel, colour, n)
+        return rel
+
+    labels = ["giraffe", "zebra", "kangaroo", "panda"]
+    _write(root / "classify.test.jsonl", [{"media": [img(COLOURS[i])], "label": lab} for i, lab in enumerate(labels) for _ in range(3)])
+    _write(root / "recognize.test.jsonl", [{"media": [img(COLOURS[i])], "label": lab} for i, lab in enumerate(["cat", "dog", "apple"]) for _ in range(2)])
+    _write(root / "captions.test.jsonl", [
+        {"media": [img(COLOURS[i])], "captions": [f"A drawing of a {lab}.", f"A picture of a {lab}.", f"A {lab} on a white background."]}
+        for i, lab in enumerate(["cat", "dog", "tree", "car"])])
+    vqa = [("How many cats are there?", ["2", "two"], "count"), ("What colour is the background?", ["red"], "colour"),
+           ("Where is the dog?", ["left", "on the left"], "position"), ("How many apples are there?", ["3", "three"], "count"),
+           ("What colour is the background?", ["blue"], "colour"), ("How many dogs are there?", ["2", "two"], "count")]
+    _write(root / "vqa.test.jsonl", [{"media": [img(COLOURS[i])], "question": q, "answers": a, "qtype": t} for i, (q, a, t) in enumerate(vqa)])
+    rows = []
+    for i, d in enumerate(["right", "left", "right", "left"]):
+        rel = f"media/v{i}.gif"
+        _video(root / rel, COLOURS[i], d)
+        rows.append({"media": [rel], "question": "Which way does the cat move?", "answers": [d],
+                     "choices": ["left", "right", "up", "down"], "label": "cat"})
+    _write(root / "video_qa.test.jsonl", rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _run_cli(args):
+    from engine.commands.eval import main
+
+    return main(args)
+
+
+def _check_report(out, task, shots, metric_names):
+    data = json.loads(out.read_text())
+    assert data["model"] == "tiny" and data["task"] == task
+    assert out.with_suffix(".png").stat().st_size > 1000
+    rows = data["results"]
+    assert {r["shots"] for r in rows} == set(shots)
+    assert {r["metric"] for r in rows} == set(metric_names)
+    for r in rows:
+        assert {"shots", "metric", "score", "n"} <= set(r)
+        assert isinstance(r["score"], float) and r["n"] > 0
+        assert "blind_score" in r
+    return data
+
+
+@pytest.mark.parametrize("task, extra, shots, metrics", [
+    ("classify", ["--seeds", "2", "--limit", "3"], [0, 2], ["accuracy"]),
+    ("recognize", ["--seeds", "1", "--limit", "2", "--way", "3"], [0, 1], ["accuracy"]),
+    ("caption", ["--seeds", "2", "--limit", "2", "--max-new-tokens", "4"], [0, 1], ["CIDEr", "BLEU-4"]),
+    ("vqa", ["--seeds", "1", "--limit", "3", "--max-new-tokens", "3"], [0, 2], ["VQA accuracy"]),
+    ("video_qa", ["--seeds", "1", "--limit", "2", "--num-frames", "4"], [0, 1], ["accuracy", "accuracy (caption format)"]),
+    ("dialogue", ["--seeds", "1", "--limit", "1", "--max-new-tokens", "3", "--turns", "2"], [0, 1], ["VQA accuracy"]),
+])
+def test_cli_writes_contract_json_and_png(corpus, tmp_path, task, extra, shots, metrics):
+    out = tmp_path / f"{task}.json"
+    rc = _run_cli(["--model", "tiny", "--task", task, "--shots", ",".join(map(str, shots)), "--data", str(corpus),
+                   "--out", str(out), "--no-progress", *extra])
+    assert rc == 0
+    data = _check_report(out, task, shots, metrics)
+    rows = data["results"]
+    # the tiny model's gates are closed (tanh(0) = 0): the images add nothing, so the image-blind
+    # control scores exactly as the model does
+    for r in rows:
+        assert r["blind_score"] == pytest.approx(r["score"])
+    if task in ("classify", "recognize"):
+        for r in rows:
+            assert "calibrated_score" in r and r["chance"] == pytest.approx(1 / r["way"])
+        k2 = next(r for r in rows if r["shots"] == shots[1])
+        assert k2["support_mean"] == pytest.approx(shots[1])
+        if task == "classify":
+            assert len(k2["seeds"]) == 2
+    if task == "vqa":
+        assert all("majority_baseline" in r and "per_qtype" in r for r in rows)
+    if task == "dialogue":
+        assert rows[0]["dialogue_kind"] == "multi_image" and len(rows[0]["per_turn"]) == 2
+    if task == "caption":
+        zero = next(r for r in rows if r["shots"] == 0)
+        assert zero["seeds"] and len(zero["seeds"]) == 1  # nothing random at 0 shots: one run
+        assert data["samples"] and "prediction" in data["samples"][0]
+
+
+def test_cli_rices_selection(corpus, tmp_path):
+    out = tmp_path / "rices.json"
+    assert _run_cli(["--model", "tiny", "--task", "classify", "--shots", "0,4", "--selection", "rices", "--seeds", "1",
+                     "--limit", "2", "--data", str(corpus), "--out", str(out), "--no-progress"]) == 0
+    _check_report(out, "classify", [0, 4], ["accuracy"])
+
+
+def test_cli_text_check(tmp_path):
+    out = tmp_path / "text.json"
+    assert _run_cli(["--model", "tiny", "--task", "text", "--limit", "3", "--max-new-tokens", "5", "--out", str(out), "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["metric"]: r for r in data["results"]}
+    assert rows["agreement"]["n"] == 3
+    # no media in the prompt: the Flamingo model and its bare LM answer the same
+    assert rows["agreement"]["score"] == 1.0
+    assert "reference_score" in rows["repetition rate"]
+    assert len(data["samples"]) == 3 and data["samples"][0]["flamingo"] == data["samples"][0]["lm"]
+
+
+def test_cli_bad_input_exits_2(corpus, tmp_path, capsys):
+    out = tmp_path / "x.json"
+    assert _run_cli(["--model", "tiny", "--task", "vqa", "--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert _run_cli(["--model", "tiny", "--task", "vqa", "--data", str(corpus), "--shots", "0,64", "--out", str(out)]) == 2
+    with pytest.raises(SystemExit):
+        _run_cli(["--model", "tiny", "--task", "vqa", "--shots", "a,b", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_python_m_engine_eval_parser():
+    try:
+        from engine.__main__ import build_parser
+        parser = build_parser()
+    except ModuleNotFoundError as e:  # another subcommand not written yet
+        pytest.skip(f"engine CLI incomplete: {e}")
+    args = parser.parse_args(["eval", "--model", "tiny", "--task", "classify", "--shots", "0,4,8", "--out", "x.json"])
+    assert args.shots == [0, 4, 8] and args.data == "corpus" and args.seeds == 3 and args.way == 5
+
+
+# ----- readers and task helpers -------------------------------------------------------------------
+def test_corpus_reader_resolves_media(corpus):
+    items = load_task_data("vqa", corpus)
+    assert len(items) == 6 and items[0]["answer"] == "2"
+    assert items[0]["media"][0].startswith(str(corpus)) and items[0]["media"][0].endswith(".png")
+    assert len(load_task_data("classify", corpus)) == 12
+    assert subset(items, 3) == subset(items, 3) and len(subset(items, 3)) == 3 and subset(items, None) == list(range(6))
+
+
+def test_coco_and_vqav2_readers(tmp_path):
+    (tmp_path / "val2014").mkdir()
+    for i in (1, 2):
+        Image.new("RGB", (8, 8)).save(tmp_path / "val2014" / f"COCO_val2014_{i:012d}.jpg")
+    coco = {"images": [{"id": 1, "file_name": "COCO_val2014_000000000001.jpg"}, {"id": 2, "file_name": "COCO_val2014_000000000002.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "A cat."}, {"image_id": 1, "caption": "A kitten. "}, {"image_id": 2, "caption": "A dog."}]}
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
+    items = read_coco_captions(tmp_path / "captions_val2014.json")
+    assert [it["captions"] for it in items] == [["A cat.", "A kitten."], ["A dog."]]
+    assert items[0]["media"][0].endswith("val2014/COCO_val2014_000000000001.jpg")
+    assert load_task_data("caption", tmp_path) == items
+    qs = {"questions": [{"image_id": 2, "question": "What is it?", "question_id": 20}]}
+    anns = {"annotations": [{"question_id": 20, "image_id": 2, "question_type": "what is", "answer_type": "other",
+                             "multiple_choice_answer": "dog", "answers": [{"answer": "dog", "answer_id": i} for i in range(10)]}]}
+    (tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(qs))
+    (tmp_path / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(anns))
+    [q] = read_vqav2(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", tmp_path / "v2_mscoco_val2014_annotations.json")
+    assert q["answers"] == ["dog"] * 10 and q["qtype"] == "other" and q["media"][0].endswith("000000000002.jpg")
+    assert load_task_data("vqa", tmp_path)[0]["question"] == "What is it?"
+
+
+def test_build_dialogues_same_scene_and_multi_image():
+    same = [{"media": ["a"], "question": "q1"}, {"media": ["b"], "question": "q2"}, {"media": ["a"], "question": "q3"},
+            {"media": ["a"], "question": "q4"}, {"media": ["a"], "question": "q5"}]
+    dialogues, kind = E.build_dialogues(same, turns=3)
+    assert kind == "same_scene" and dialogues == [[0, 2, 3]]
+    singles = [{"media": [str(i)], "question": "q"} for i in range(7)]
+    dialogues, kind = E.build_dialogues(singles, turns=3)
+    assert kind == "multi_image" and [len(d) for d in dialogues] == [3, 3]
+    assert len({i for d in dialogues for i in d}) == 6
+
+
+def test_majority_baseline_is_leave_one_out():
+    items = [{"qtype": "count", "answer": a} for a in ["2", "2", "3", "3", "3"]] + [{"qtype": "colour", "answer": "red"}]
+    maj = E.majority_baseline(items, range(6))
+    assert maj[0] == "3"  # the other count answers: "2" once, "3" three times
+    assert maj[2] == "2"  # "2" twice, "3" twice: ties go to the first in sorted order
+    assert maj[5] == ""  # the only colour question: nobody else votes
+
+
+def test_prompt_templates_are_the_corpus_ones():
+    from engine.data import templates as T
+
+    assert E.vqa_example("How many cats are there?", "2") == T.chunk(T.qa("How many cats are there?", "2"))
+    assert E.vqa_example("Q?", "a").startswith(E.MEDIA + E.vqa_query("Q?") + " ")
+    assert E.naming_example("dax") == T.chunk(T.naming(T.NAMING[0], "dax"))
+    assert E.naming_example("apple") == E.MEDIA + E.NAMING_PREFIX + E.naming_continuation("apple")
+    assert E.motion_caption("cat", "right") == T.MOTION_CAPTIONS["right"][0].format(A="A cat")
