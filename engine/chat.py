@@ -34,7 +34,7 @@ from .config import FlamingoConfig
 from .conversation import Conversation, GenerationSettings
 from .cross_attention import MediaContext, media_index_from_ids
 from .device import Placement, resolve
-from .generation import DecodeResult, IncrementalDetokenizer, Sampler, check_settings, decode
+from .generation import DecodeResult, IncrementalDetokenizer, Sampler, check_settings, decode, new_kv_cache
 from .media_cache import MediaEncoder, MediaItem
 from .model import CONFIG_NAME, FlamingoModel
 from .prompt import ChatFormat, RenderedPrompt, render_conversation
@@ -318,7 +318,7 @@ class ChatStream:
                 state, reuse = None, 0
             elif crop < 0:
                 state.cache.crop(crop)
-        cache = state.cache if state is not None else DynamicCache(config=engine.model.lm.config)
+        cache = state.cache if state is not None else new_kv_cache(engine.model.lm.config)
         fed = list(ids[:reuse])
         offset = sum(1 for t in fed if t == engine.model.media_token_id)
         self.stats.update(reused_tokens=reuse, new_tokens=len(ids) - reuse)

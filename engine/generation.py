@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
@@ -27,6 +29,72 @@ from transformers.generation.logits_process import (
 from .conversation import GenerationSettings
 
 FINISH_REASONS = ("eoc", "eos", "length", "cancelled")
+
+
+# ----- KV cache -------------------------------------------------------------------------------
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends into spare capacity instead of concatenating.
+
+    DynamicLayer copies a layer's whole cache (`torch.cat`) for every new token: on a CPU and a
+    small LM that copy costs about as much as the layer's matmuls at a few hundred tokens of
+    context. Here new keys/values are written in place into a buffer that grows by half its
+    length (at least 256 positions) when full; `keys`/`values` are views of the filled part, so
+    everything that reads a DynamicLayer (masks, crop, get_seq_length) works unchanged.
+    """
+
+    _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    _length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, add = self._length, key_states.shape[-2]
+        if self._buffers is None or n + add > self._buffers[0].shape[-2]:
+            capacity = n + add + max(256, (n + add) // 2)
+            grown = []
+            for old, new in zip(self._buffers or (None, None), (key_states, value_states)):
+                buf = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+                if n:
+                    buf[..., :n, :] = old[..., :n, :]
+                grown.append(buf)
+            self._buffers = (grown[0], grown[1])
+        k, v = self._buffers
+        k[..., n : n + add, :] = key_states
+        v[..., n : n + add, :] = value_states
+        self._set_length(n + add)
+        return self.keys, self.values
+
+    def _set_length(self, n: int) -> None:
+        self._length = n
+        self.keys = self._buffers[0][..., :n, :]
+        self.values = self._buffers[1][..., :n, :]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized or self._buffers is None:
+            return
+        self._set_length(max(0, self._length + tokens_to_remove))
+
+    def reset(self) -> None:
+        self._buffers, self._length = None, 0
+        super().reset()
+
+
+class GrowingCache(DynamicCache):
+    """A DynamicCache of GrowingLayers (for LMs whose layers all attend to the full context)."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+
+def new_kv_cache(lm_config) -> DynamicCache:
+    """The KV cache for one conversation: GrowingCache where every layer is full attention,
+    else transformers' DynamicCache built from the config (sliding windows, hybrids)."""
+    text = lm_config.get_text_config(decoder=True) if hasattr(lm_config, "get_text_config") else lm_config
+    types = getattr(text, "layer_types", None)
+    full = (types is None or all(t == "full_attention" for t in types)) and not getattr(text, "sliding_window", None)
+    return GrowingCache() if full else DynamicCache(config=lm_config)
 
 
 def check_settings(settings: GenerationSettings) -> None:

@@ -225,3 +225,33 @@ def test_engine_repetition_controls_break_loops(engine, monkeypatch):
     list(controlled)
     grams = [tuple(controlled.tokens[i:i + 3]) for i in range(len(controlled.tokens) - 2)]
     assert len(grams) == len(set(grams))
+
+
+def test_growing_cache_matches_dynamic_cache_through_crops():
+    """In-place KV appends give the same logits as transformers' DynamicCache, across chunks,
+    buffer growth (past 256 positions) and crops."""
+    from transformers import DynamicCache
+
+    from engine.cross_attention import MediaContext
+    from engine.generation import GrowingCache, new_kv_cache
+
+    model = tiny_model(gates=0.5)
+    assert isinstance(new_kv_cache(model.lm.config), GrowingCache)
+    ids = torch.randint(0, 300, (1, 300), generator=torch.Generator().manual_seed(0))
+    visual = torch.randn(1, 1, 4, 32)
+
+    def media(n):
+        return MediaContext(visual, torch.zeros(1, n, dtype=torch.long))
+
+    results = []
+    for cache in (GrowingCache(), DynamicCache(config=model.lm.config)):
+        outs = []
+        with torch.inference_mode():
+            for a, b in ((0, 200), (200, 280), (280, 281), (281, 300)):
+                outs.append(model(ids[:, a:b], past_key_values=cache, use_cache=True, media=media(b - a)).logits[:, -1])
+            cache.crop(-50)
+            assert cache.get_seq_length() == 250
+            outs.append(model(ids[:, 250:260], past_key_values=cache, use_cache=True, media=media(10)).logits[:, -1])
+        results.append(outs)
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y)
