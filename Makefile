@@ -7,7 +7,7 @@ TEST_OK := $(VENV)/.test-installed
 PORT   ?= 7860
 CORPUS ?= corpus
 
-.PHONY: run test test-fast data default-model bench clean-venv
+.PHONY: run test test-fast data default-model bench clean-venv chromium
 
 $(APP_OK): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,20 @@ test: $(TEST_OK) chromium
 
 test-fast: $(TEST_OK)
 	$(PY) -m pytest -m "not slow and not browser"
+
+# The offline corpus from Debian's clip art and emoji (installed here when missing, as root).
+data: $(APP_OK)
+	@for p in openclipart-png fonts-noto-color-emoji; do \
+	  dpkg -s $$p >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -q $$p >/dev/null; } || echo "$$p missing: apt-get install -y $$p"; \
+	done
+	test -f $(CORPUS)/manifest.json || $(PY) -m engine build-data --out $(CORPUS) --size full --seed 0
+
+# The built-in model: corpus -> training subsets + chat records -> train (resumes) -> fp16 export -> eval.
+default-model: data
+	$(PY) -m engine.data.prepare --corpus $(CORPUS)
+	$(PY) -m engine train --config configs/default_model.yaml
+	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model/model').save_pretrained('assets/model', dtype=torch.float16)"
+	$(PY) -m engine eval --model assets/model --task classify --shots 0,4,8 --data $(CORPUS) --out runs/default_model/eval_classify.json
 
 bench: $(TEST_OK)
 	$(PY) bench/forward.py

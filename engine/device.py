@@ -30,3 +30,12 @@ def resolve(device: str = "auto") -> Placement:
 def autocast(placement: Placement):
     """bf16 autocast on CUDA; a no-op context on CPU fp32."""
     return torch.autocast(placement.device.type, dtype=torch.bfloat16, enabled=placement.device.type == "cuda")
+
+
+def cpu_fast_bf16() -> bool:
+    """True where the CPU has bf16 instructions (AVX512-BF16/AMX): bf16 autocast is then about
+    twice as fast as fp32 for convolutions and matmuls; elsewhere it is slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool(torch.cpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -156,7 +156,7 @@ class Trainer:
             feeds.append(DatasetFeed(spec, model.tokenizer, model.media_token_id, pad_id, seed=cfg.data.seed, rank=self.rank,
                                      world=self.world, cache=cache, image_size=model.vision.image_size,
                                      num_frames=cfg.data.num_frames, add_bos=cfg.data.add_bos))
-        if cache is not None:
+        if cache is not None and cfg.data.precompute_features:
             self._precompute(cache, [f for f in feeds if f.weight > 0])
         return feeds
 

@@ -53,6 +53,9 @@ class DataConfig:
     root: str = "."
     num_frames: int = 8
     feature_cache: bool = True
+    # False fills the cache lazily as batches first need each file: training starts at once and
+    # the first epoch pays the tower's cost, instead of a long pass over every file up front.
+    precompute_features: bool = True
     cache_dir: str | None = None  # default: <root>/.feature_cache
     cache_key: str = "mtime"  # mtime (path + mtime + size) | content (sha256 of the file)
     add_bos: bool = True  # start each sequence with the tokenizer's BOS token, as the paper

