@@ -304,3 +304,29 @@ def test_prompt_templates_are_the_corpus_ones():
     assert E.naming_example("dax") == T.chunk(T.naming(T.NAMING[0], "dax"))
     assert E.naming_example("apple") == E.MEDIA + E.NAMING_PREFIX + E.naming_continuation("apple")
     assert E.motion_caption("cat", "right") == T.MOTION_CAPTIONS["right"][0].format(A="A cat")
+
+
+def test_batched_real_and_blind_generation_equals_one_at_a_time():
+    from engine.eval.scoring import greedy_generate_variants
+
+    model = tiny_model(gates=0.8).eval()
+    ids = encode_text(model, "<image>A photo of a cat.<EOC><image>Question: What is it? Answer:")
+    real, blind = _visual(model, 2, seed=4), _visual(model, 2, seed=5)
+    free = greedy_generate_variants(model, ids, [real, blind], 7, stop_ids=[])
+    assert free[0] != free[1] and all(len(g) == 7 for g in free)
+    # one row stops at once (its first token is a stop) while the other runs on
+    for stops in ([], None, [free[0][0]], [free[1][0]]):
+        got = greedy_generate_variants(model, ids, [real, blind], 7, stop_ids=stops)
+        want = [greedy_generate(model, ids, v, 7, stop_ids=stops) for v in (real, blind)]
+        assert got == want
+    assert greedy_generate_variants(model, ids, [real, blind], 7, stop_ids=[free[1][0]])[1] == []
+
+
+def test_embeddings_batched_equal_one_by_one(corpus):
+    model = tiny_model().eval()
+    paths = [it["media"][0] for it in load_task_data("classify", corpus)[:5]] + [str(corpus / "media" / "v0.gif")]
+    bank = MediaBank(model, num_frames=4, batch_size=4)
+    together = bank.embeddings(paths)
+    alone = torch.cat([MediaBank(model, num_frames=4, batch_size=1).embeddings([p]) for p in paths])
+    assert together.shape == (6, model.vision.feature_dim)
+    assert torch.allclose(together, alone, atol=1e-5)

@@ -121,12 +121,17 @@ class MediaBank:
     @torch.inference_mode()
     def embeddings(self, paths: Sequence[str]) -> torch.Tensor:
         """(P, d_vision) frozen vision features mean-pooled over frames and positions (RICES)."""
-        out = []
+        out: list[torch.Tensor | None] = [None] * len(paths)
         for i in range(0, len(paths), self.batch_size):
-            for p in paths[i:i + self.batch_size]:
-                x = self.pixels(p).to(device=self.device, dtype=self.dtype)
-                feats = self.model.vision(x[None])  # (1, T, S, d)
-                out.append(feats.float().mean(dim=(1, 2))[0].cpu())
+            pix = [self.pixels(p) for p in paths[i:i + self.batch_size]]
+            by_shape: dict[tuple, list[int]] = {}
+            for j, x in enumerate(pix):
+                by_shape.setdefault(tuple(x.shape), []).append(j)
+            for idx in by_shape.values():
+                x = torch.stack([pix[j] for j in idx]).to(device=self.device, dtype=self.dtype)
+                pooled = self.model.vision(x).float().mean(dim=(1, 2)).cpu()  # (b, T, S, d) -> (b, d)
+                for j, e in zip(idx, pooled):
+                    out[i + j] = e
         return torch.stack(out) if out else torch.empty(0)
 
 
@@ -191,6 +196,53 @@ def greedy_generate(model, ids: Sequence[int], visual: Sequence[torch.Tensor] | 
         if step == max_new_tokens - 1:
             break
         out = model(torch.tensor([[token]], device=device), media=media.with_index(step_index) if media else None,
+                    past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+    return generated
+
+
+@torch.inference_mode()
+def greedy_generate_variants(model, ids: Sequence[int], variants: Sequence[Sequence[torch.Tensor] | torch.Tensor],
+                             max_new_tokens: int = 20, stop_ids: Sequence[int] | None = None) -> list[list[int]]:
+    """`greedy_generate` for several media variants of one prompt (the real images and the blank
+    ones of the image-blind control) in one batch: the same text, so no padding is needed.
+    A row that has stopped keeps being fed a pad token until every row has; its output ends at
+    its stop."""
+    if len(variants) == 1:
+        return [greedy_generate(model, ids, variants[0], max_new_tokens, stop_ids)]
+    stacked = [_stack(v) for v in variants]
+    if any(v is None for v in stacked):
+        raise ValueError("greedy_generate_variants needs media in every variant")
+    for v in stacked:
+        n = _check_media(model, ids, v)
+    device = model_device(model)
+    stops = set(stop_ids) if stop_ids is not None else {model.eoc_token_id}
+    if stop_ids is None and model.tokenizer.eos_token_id is not None:
+        stops.add(int(model.tokenizer.eos_token_id))
+    B = len(stacked)
+    x = torch.tensor([list(ids)], device=device).expand(B, -1)
+    media = MediaContext(torch.stack(stacked), media_index_from_ids(x, model.media_token_id), model.config.cross_attention.only_last_media)
+    out = model(x, media=media, use_cache=True, logits_to_keep=1)
+    past = out.past_key_values
+    step_index = torch.full((B, 1), n - 1, device=device)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    generated: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        logits[:, model.media_token_id] = float("-inf")
+        tokens = logits.argmax(-1).tolist()
+        feed = []
+        for b, t in enumerate(tokens):
+            if not done[b]:
+                if t in stops:
+                    done[b] = True
+                else:
+                    generated[b].append(int(t))
+            feed.append(pad if done[b] else int(t))
+        if all(done) or step == max_new_tokens - 1:
+            break
+        out = model(torch.tensor(feed, device=device)[:, None], media=media.with_index(step_index),
                     past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
     return generated

@@ -29,7 +29,8 @@ from ..data import templates as T
 from ..data.names import with_article
 from . import metrics as M
 from .datasets import subset
-from .scoring import (MediaBank, calibrate, decode_text, encode_text, greedy_generate, greedy_generate_lm, pick,
+from .scoring import (MediaBank, calibrate, decode_text, encode_text, greedy_generate, greedy_generate_lm,
+                      greedy_generate_variants, pick,
                       score_continuations)
 from .shots import Rices, random_support, spread_over_classes
 
@@ -201,6 +202,11 @@ class Runner:
     def generate(self, ids: list[int], visual: list[torch.Tensor], max_new: int) -> str:
         return decode_text(self.model, greedy_generate(self.model, ids, visual, max_new))
 
+    def generate_with_blind(self, ids: list[int], paths: Sequence[str], max_new: int) -> tuple[str, str]:
+        """(answer with the real media, answer with blank media): one batch of two."""
+        real, blind = greedy_generate_variants(self.model, ids, [self.real(paths), self.blind(paths)], max_new)
+        return decode_text(self.model, real), decode_text(self.model, blind)
+
     def progress(self, total: int):
         from tqdm import tqdm
 
@@ -242,8 +248,7 @@ def eval_caption(model, items: list[dict], settings: EvalSettings, bank: MediaBa
                           for j in sup]
                 chunks.append((items[qi]["media"], MEDIA * len(items[qi]["media"])))
                 ids, paths = r.prompt(chunks)
-                pred = clean_caption(r.generate(ids, r.real(paths), max_new))
-                bpred = clean_caption(r.generate(ids, r.blind(paths), max_new))
+                pred, bpred = map(clean_caption, r.generate_with_blind(ids, paths, max_new))
                 refs.append(items[qi]["captions"])
                 preds.append(pred)
                 blind_preds.append(bpred)
@@ -297,8 +302,7 @@ def eval_vqa(model, items: list[dict], settings: EvalSettings, bank: MediaBank |
                 chunks = [(items[j]["media"], vqa_example(items[j]["question"], items[j]["answer"])) for j in sup]
                 chunks.append((it["media"], MEDIA * len(it["media"]) + vqa_query(it["question"])))
                 ids, paths = r.prompt(chunks)
-                pred = clean_answer(r.generate(ids, r.real(paths), max_new))
-                bpred = clean_answer(r.generate(ids, r.blind(paths), max_new))
+                pred, bpred = map(clean_answer, r.generate_with_blind(ids, paths, max_new))
                 accs[qi], baccs[qi] = M.vqa_accuracy(pred, it["answers"]), M.vqa_accuracy(bpred, it["answers"])
                 if seed == r.seeds_for(k)[0] and len(samples) < NUM_SAMPLES * (settings.shots.index(k) + 1):
                     samples.append({"shots": k, "media": it["media"], "question": it["question"], "prediction": pred,
