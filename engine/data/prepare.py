@@ -1,10 +1,10 @@
 """Prepare the built-in model's training files from a built corpus:
 
-    python -m engine.data.prepare --corpus corpus --pairs 6000 --interleaved 2500 --vqa 2000 --videos 400
+    python -m engine.data.prepare --corpus corpus --pairs 5000 --interleaved 2000 --vqa 1500 --videos 300
 
 writes `<kind>.subset.train.jsonl` (the first N records of each train file, so the frozen-feature
 cache holds only what training will read) and `chat.train.jsonl`, the chat-formatted records
-derived from those subsets (engine/data/chat_records.py), which reuse their media.
+derived from the image subsets (engine/data/chat_records.py), which reuse their media.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.data.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=Path("corpus"))
     p.add_argument("--lm", default="smollm2", help="LM whose chat template renders the chat records")
-    for kind, n in (("pairs", 6000), ("interleaved", 2500), ("vqa", 2000), ("videos", 400)):
+    for kind, n in (("pairs", 5000), ("interleaved", 2000), ("vqa", 1500), ("videos", 300)):
         p.add_argument(f"--{kind}", type=int, default=n, help=f"records of {FILES[kind]} to keep (default {n})")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = write_subsets(args.corpus, {k: getattr(args, k) for k in FILES})
     _, tokenizer = load_lm(args.lm)
     add_flamingo_tokens(tokenizer)
-    chat_sources = {k: args.corpus / FILES[k].replace(".train.", ".subset.train.") for k in FILES}
+    # Videos stay out of the chat records: a training batch holds one media kind (frames per item).
+    chat_sources = {k: args.corpus / FILES[k].replace(".train.", ".subset.train.") for k in FILES if k != "videos"}
     chat = build_chat_file(args.corpus, tokenizer, sources=chat_sources, seed=args.seed)
     log.info("subsets %s; chat records %s", json.dumps(counts), json.dumps(chat))
     return 0
