@@ -101,6 +101,7 @@ def build_openflamingo(
     only_attend_immediate_media: bool = True,
     decoder_layers_attr_name: str | None = None,
     gradient_checkpointing: bool = False,
+    freeze_lm_embeddings: bool = False,
 ):
     """Returns (OpenFlamingo model, its tokenizer). `lm` is modified in place (mixin, resized
     embeddings, wrapped layers): give it a copy you do not use elsewhere. `tower` is shared."""
@@ -123,12 +124,13 @@ def build_openflamingo(
     for block in model.lang_encoder.gated_cross_attn_layers:
         if block is not None:
             block.attn.only_attend_immediate_media = only_attend_immediate_media
-    # As the factory: everything frozen but the resampler, the gated blocks and the LM's input
-    # embeddings.
+    # As the factory: everything frozen but the resampler, the gated blocks and (unless
+    # freeze_lm_embeddings) the LM's input embeddings.
     model.requires_grad_(False)
     model.perceiver.requires_grad_(True)
     model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
-    model.lang_encoder.get_input_embeddings().requires_grad_(True)
+    if not freeze_lm_embeddings:
+        model.lang_encoder.get_input_embeddings().requires_grad_(True)
     return model, tok
 
 
