@@ -60,7 +60,7 @@ class SessionRow(Base):
 
 class TurnRow(Base):
     __tablename__ = "turns"
-    __table_args__ = (UniqueConstraint("session_id", "position"),)
+    __table_args__ = (UniqueConstraint("session_id", "position"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
@@ -112,6 +112,7 @@ class ExampleSetRow(Base):
 
 class ExampleRow(Base):
     __tablename__ = "examples"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids are never reused
 
     id: Mapped[int] = mapped_column(primary_key=True)
     set_id: Mapped[int] = mapped_column(ForeignKey("example_sets.id", ondelete="CASCADE"))

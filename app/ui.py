@@ -53,6 +53,7 @@ class ChatParts:
     prompt_debug: gr.Markdown
     export_file: gr.File
     buttons: dict = field(default_factory=dict)
+    epoch: gr.State | None = None  # the tab's view epoch (see ui_chat.TabViews)
 
     @property
     def option_inputs(self) -> list:
@@ -128,7 +129,8 @@ def _chat_layout(config: AppConfig) -> ChatParts:
     buttons = dict(new=new_session, rename=rename, export=export, delete=delete,
                    confirm=confirm, regenerate=regenerate)
     return ChatParts(gr.State(None), sessions, title, chatbot, chat_input, example_set, rices, rices_k,
-                     temperature, max_new_tokens, num_frames, prompt_debug, export_file, buttons)
+                     temperature, max_new_tokens, num_frames, prompt_debug, export_file, buttons,
+                     gr.State(0))
 
 
 def launch_options(config: AppConfig) -> dict:

@@ -28,26 +28,35 @@ IDLE_INPUT = dict(submit_btn=True, stop_btn=False)
 
 
 class TabViews:
-    """browser tab (Gradio session hash) -> the session id it shows."""
+    """Per browser tab (Gradio session hash): which session it shows, and a counter that moves
+    on every switch, so a reply started before the switch knows it is no longer watched."""
 
     def __init__(self):
         self._shown: dict[str, str | None] = {}
+        self._epoch: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def show(self, tab: str, session_id: str | None) -> str | None:
-        """Record what `tab` shows now; returns what it showed before."""
+    def epoch(self, tab: str) -> int:
+        with self._lock:
+            return self._epoch.get(tab, 0)
+
+    def switch(self, tab: str, session_id: str | None) -> tuple[str | None, int]:
+        """The tab now shows `session_id`; returns the session it showed before and the new epoch."""
         with self._lock:
             before = self._shown.get(tab)
             self._shown[tab] = session_id
-            return before
+            self._epoch[tab] = self._epoch.get(tab, 0) + 1
+            return before, self._epoch[tab]
 
-    def shows(self, tab: str, session_id: str | None) -> bool:
+    def replying_in(self, tab: str, session_id: str | None) -> None:
+        """A reply started in the tab has created or entered `session_id` (not a switch)."""
         with self._lock:
-            return self._shown.get(tab) == session_id
+            self._shown[tab] = session_id
 
     def forget(self, tab: str) -> None:
         with self._lock:
             self._shown.pop(tab, None)
+            self._epoch.pop(tab, None)
 
 
 def chat_options(set_value, rices, rices_k, temperature, max_new_tokens, num_frames) -> ChatOptions:
@@ -96,36 +105,46 @@ def session_list(service: ChatService, selected: str | None) -> gr.Radio:
 
 
 class _Stream:
-    """Turns one reply's ReplyUpdates into component updates for one browser tab."""
+    """Turns one reply's ReplyUpdates into component updates for one browser tab. If the tab
+    switches to another conversation meanwhile, the reply is stopped and nothing more is shown."""
 
-    def __init__(self, service: ChatService, chat: "ChatParts", tabs: TabViews, tab: str):
-        self.service, self.chat, self.tabs, self.tab = service, chat, tabs, tab
+    def __init__(self, service: ChatService, chat: "ChatParts", tabs: TabViews, tab: str, epoch: int):
+        """`epoch`: the tab's view epoch when the user pressed send (from a gr.State)."""
+        self.service, self.chat, self.tabs, self.tab, self.epoch = service, chat, tabs, tab, epoch
+        self.stopped = False
+
+    def watched(self, session_id: str | None) -> bool:
+        if self.tabs.epoch(self.tab) == self.epoch:
+            return True
+        if session_id and not self.stopped:
+            self.stopped = self.service.stop(session_id)
+        return False
 
     def run(self, updates, session_id: str | None, text: str | None):
         """`text`: the message being sent (None for regenerate, which leaves the box alone)."""
         chat = self.chat
+        if not self.watched(None):  # switched before the reply even started: send nothing
+            log.info("tab %s switched conversation before the message was sent; not sending", self.tab)
+            return
         shown = history(self.service, session_id)
         busy = dict(BUSY_INPUT) if text is None else dict(value=None, **BUSY_INPUT)
         yield {chat.chatbot: shown, chat.chat_input: gr.MultimodalTextbox(**busy)}
         base = shown
         for update in updates:
+            if not self.watched(update.session_id):
+                continue  # the user moved to another conversation: keep quiet
             if update.status == "accepted":
-                self.tabs.show(self.tab, update.session_id)
+                self.tabs.replying_in(self.tab, update.session_id)
                 base = history(self.service, update.session_id)
                 yield self._accepted(update, base)
             elif update.status == "rejected":
-                yield self._rejected(update, shown, session_id, text)
-            elif not self.tabs.shows(self.tab, update.session_id):
-                continue  # the user moved to another conversation: keep quiet
+                yield self._rejected(update, shown, text)
             elif update.status == "streaming":
                 partial = {"role": "assistant", "content": views.reply_text(update.text, "streaming")}
                 yield {chat.chatbot: base + [partial]}
             else:
                 yield self._finished(update)
-        yield self._idle()
-
-    def _idle(self) -> dict:
-        return {self.chat.chat_input: gr.MultimodalTextbox(**IDLE_INPUT)}
+        yield {chat.chat_input: gr.MultimodalTextbox(**IDLE_INPUT)}
 
     def _accepted(self, update: ReplyUpdate, base: list) -> dict:
         chat = self.chat
@@ -136,10 +155,8 @@ class _Stream:
             chat.title: self.service.open_session(update.session_id).info.title,
         }
 
-    def _rejected(self, update: ReplyUpdate, shown: list, asked_in: str | None, text: str | None) -> dict:
+    def _rejected(self, update: ReplyUpdate, shown: list, text: str | None) -> dict:
         chat = self.chat
-        if not self.tabs.shows(self.tab, asked_in):
-            return {}
         restored = {} if text is None else {"value": {"text": text, "files": []}}
         return {
             chat.chatbot: shown + [views.error_message(update.error or "The message was not accepted.")],
@@ -165,26 +182,24 @@ def wire_chat(service: ChatService, config: AppConfig, chat: "ChatParts") -> Tab
     b = chat.buttons
     outputs = [chat.chatbot, chat.chat_input, chat.state, chat.sessions, chat.prompt_debug, chat.title]
 
-    def respond(message, session_id, set_value, rices, rices_k, temperature, max_new_tokens, num_frames,
-                request: gr.Request):
+    def respond(message, session_id, epoch, set_value, rices, rices_k, temperature, max_new_tokens,
+                num_frames, request: gr.Request):
         message = message or {}
         text, files = message.get("text") or "", message.get("files") or []
         options = chat_options(set_value, rices, rices_k, temperature, max_new_tokens, num_frames)
-        tabs.show(request.session_hash, session_id)
-        updates = service.send(session_id, text, files, options)
-        yield from _Stream(service, chat, tabs, request.session_hash).run(updates, session_id, text)
+        stream = _Stream(service, chat, tabs, request.session_hash, epoch)
+        yield from stream.run(service.send(session_id, text, files, options), session_id, text)
 
-    def regenerate(session_id, set_value, rices, rices_k, temperature, max_new_tokens, num_frames,
+    def regenerate(session_id, epoch, set_value, rices, rices_k, temperature, max_new_tokens, num_frames,
                    request: gr.Request):
         if session_id is None:
             yield {chat.chatbot: [views.error_message("Nothing to regenerate yet.")]}
             return
         options = chat_options(set_value, rices, rices_k, temperature, max_new_tokens, num_frames)
-        tabs.show(request.session_hash, session_id)
-        updates = service.regenerate(session_id, options)
-        yield from _Stream(service, chat, tabs, request.session_hash).run(updates, session_id, None)
+        stream = _Stream(service, chat, tabs, request.session_hash, epoch)
+        yield from stream.run(service.regenerate(session_id, options), session_id, None)
 
-    inputs = [chat.state, *chat.option_inputs]
+    inputs = [chat.state, chat.epoch, *chat.option_inputs]
     reply = dict(concurrency_limit=max(1, config.concurrency), concurrency_id="reply")
     sent = chat.chat_input.submit(respond, [chat.chat_input, *inputs], outputs, **reply)
     again = b["regenerate"].click(regenerate, inputs, outputs, **reply)
@@ -199,10 +214,11 @@ def wire_chat(service: ChatService, config: AppConfig, chat: "ChatParts") -> Tab
 def _wire_sessions(service: ChatService, chat: "ChatParts", tabs: TabViews) -> None:
     b = chat.buttons
 
-    def switch(tab: str, session_id: str | None) -> None:
-        before = tabs.show(tab, session_id)
+    def switch(tab: str, session_id: str | None) -> int:
+        before, epoch = tabs.switch(tab, session_id)
         if before and before != session_id and service.stop(before):
             log.info("tab moved away from session %s: its reply was stopped", before)
+        return epoch
 
     def blank() -> dict:
         return {chat.state: None, chat.chatbot: [], chat.sessions: gr.Radio(value=None),
@@ -210,8 +226,7 @@ def _wire_sessions(service: ChatService, chat: "ChatParts", tabs: TabViews) -> N
                 chat.export_file: gr.File(value=None, visible=False)}
 
     def new_session(request: gr.Request):
-        switch(request.session_hash, None)
-        return blank()
+        return {**blank(), chat.epoch: switch(request.session_hash, None)}
 
     def open_session(session_id, request: gr.Request):
         if not session_id:
@@ -221,12 +236,12 @@ def _wire_sessions(service: ChatService, chat: "ChatParts", tabs: TabViews) -> N
         except NotFound:
             gr.Warning("That conversation no longer exists.")
             return {chat.sessions: session_list(service, None)}
-        switch(request.session_hash, session_id)
+        epoch = switch(request.session_hash, session_id)
         set_value = str(view.info.example_set_id) if view.info.example_set_id else views.NO_SET
         return {chat.state: session_id, chat.chatbot: as_gradio(views.history(view.turns)),
                 chat.title: view.info.title, chat.example_set: set_value,
                 chat.prompt_debug: views.prefix_markdown(view.turns),
-                chat.export_file: gr.File(value=None, visible=False)}
+                chat.export_file: gr.File(value=None, visible=False), chat.epoch: epoch}
 
     def rename(session_id, title):
         if session_id:
@@ -248,10 +263,10 @@ def _wire_sessions(service: ChatService, chat: "ChatParts", tabs: TabViews) -> N
                 service.delete_session(session_id)
             except NotFound:
                 pass
-        tabs.show(request.session_hash, None)
-        return {**blank(), chat.sessions: session_list(service, None), b["confirm"]: gr.Button(visible=False)}
+        return {**blank(), chat.epoch: switch(request.session_hash, None),
+                chat.sessions: session_list(service, None), b["confirm"]: gr.Button(visible=False)}
 
-    everything = [chat.state, chat.chatbot, chat.sessions, chat.title, chat.example_set,
+    everything = [chat.state, chat.epoch, chat.chatbot, chat.sessions, chat.title, chat.example_set,
                   chat.prompt_debug, chat.export_file, b["confirm"]]
     b["new"].click(new_session, None, everything, queue=False)
     chat.chatbot.clear(new_session, None, everything, queue=False)

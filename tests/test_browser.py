@@ -163,13 +163,25 @@ def open_tab(page, label: str) -> None:
     page.locator("button[role=tab]", has_text=label).first.click()
 
 
-def test_image_question_gets_a_reply(page, inputs):
+def replies_stored(server) -> int:
+    return len(re.findall(r"reply \d+ stored", server.log()))
+
+
+def test_image_question_gets_a_reply(page, inputs, server):
     ask(page, "What colour is this square?", [inputs.image((220, 20, 20))])
     wait_reply_done(page, 1)
     wait_count(page, "#chatbot [data-testid=user] img", 1)
     assert "What colour is this square?" in page.locator("#chatbot").inner_text()
     assert page.locator("#sessions").inner_text().count("What colour is this square?") == 1
     shot(page, "chat-image")
+    before = replies_stored(server)
+    page.locator("#regenerate").click()  # replaces the reply, does not add one
+    deadline = time.time() + REPLY_TIMEOUT / 1000
+    while replies_stored(server) == before and time.time() < deadline:
+        time.sleep(0.2)
+    assert replies_stored(server) == before + 1
+    wait_reply_done(page, 1)
+    wait_count(page, "#chatbot [data-testid=bot]", 1)
 
 
 def test_video_question_gets_a_reply(page, inputs):

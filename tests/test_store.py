@@ -91,9 +91,10 @@ def test_regenerate_drops_only_the_last_reply(store):
     store.add_user_turn(s.id, "q1", [])
     store.add_reply(s.id, ReplyRecord("a1", "complete"))
     store.add_user_turn(s.id, "q2", [])
-    store.add_reply(s.id, ReplyRecord("a2", "failed", error="boom"))
+    old = store.add_reply(s.id, ReplyRecord("a2", "failed", error="boom"))
     assert store.delete_replies_after_last_user_turn(s.id) == 1
     assert [t.text for t in store.turns(s.id)] == ["q1", "a1", "q2"]
+    assert store.add_reply(s.id, ReplyRecord("a2'", "complete")).id > old.id  # ids never reused
 
 
 def test_example_sets_edit_reorder_remove(store, media):
