@@ -24,7 +24,10 @@ EPILOG = """defaults:
   --lm      guessed from the checkpoint's LM layout and width:
 %s
             anything else needs --lm. The instruct/dolly variants were trained on the
-            -Instruct / -dolly versions of these LMs: pass those with --lm.
+            -Instruct / -dolly versions of these LMs: pass those with --lm. The MPT ones
+            are remote-code models (MosaicGPT) that engine.lm cannot load (it runs no
+            remote code): for those, --lm must name a natively supported copy with the
+            same weights and tokenizer.
   --cross-attn-every-n-layers  read from where the checkpoint's gated blocks sit
 
 The LM and the vision tower are loaded once to check that they fit the checkpoint; the output
