@@ -56,6 +56,17 @@ def prepare_environment(data_dir: Path) -> None:
     tempfile.tempdir = None  # re-read TMPDIR
 
 
+def port_is_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def load_engine(model: str, device: str):
     """default | tiny | a saved model folder | a Hugging Face id (engine.chat decides)."""
     from engine.chat import ChatEngine
@@ -74,13 +85,24 @@ def main(argv: list[str] | None = None) -> int:
     from app.store import Store
     from app.ui import build_ui, launch_options
 
+    if not port_is_free(config.host, config.port):  # say so before a long model load
+        print(f"error: {config.host}:{config.port} is in use; pick another --port", file=sys.stderr)
+        return 1
     log.info("loading model %r on %s", config.model, config.device)
-    engine = load_engine(config.model, config.device)
+    try:
+        engine = load_engine(config.model, config.device)
+    except ValueError as exc:  # a model or device the user named that is not there
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     service = ChatService(Store(config.data_dir), engine, config.limits)
     log.info("%s", service.model_status())
     demo = build_ui(service, config)
     demo.queue(default_concurrency_limit=8)
-    _, url, _ = demo.launch(prevent_thread_lock=True, **launch_options(config))
+    try:
+        _, url, _ = demo.launch(prevent_thread_lock=True, **launch_options(config))
+    except OSError as exc:  # e.g. the port is taken
+        print(f"error: cannot serve on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
     print(f"Running on {url}", flush=True)
     try:
         demo.block_thread()

@@ -11,8 +11,6 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import create_engine, delete, event, exists, func, select
@@ -21,6 +19,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.blobs import BlobStore, normalized_ext, sha256_of
+from app.records import (  # noqa: F401  (re-exported: callers import records from here)
+    Conflict,
+    ExampleRecord,
+    ExampleSetInfo,
+    MediaInput,
+    MediaRecord,
+    NotFound,
+    ReplyRecord,
+    SessionInfo,
+    TurnRecord,
+)
 from app.schema import (
     SCHEMA_VERSION,
     Base,
@@ -38,84 +47,6 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "flamingo.sqlite3"
 MEDIA_DIR = "media"
-
-
-class NotFound(LookupError):
-    """A session, turn, example set or example that does not exist (any more)."""
-
-
-class Conflict(ValueError):
-    """A change that would break a uniqueness rule, e.g. two example sets with one name."""
-
-
-@dataclass(frozen=True)
-class MediaInput:
-    """A validated file to be stored: where it is now, what it is, what the user called it."""
-
-    path: str
-    kind: str  # "image" | "video"
-    orig_name: str = ""
-
-
-@dataclass(frozen=True)
-class MediaRecord:
-    sha256: str
-    kind: str
-    ext: str
-    size: int
-    orig_name: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    id: str
-    title: str
-    example_set_id: int | None
-    created_at: datetime
-    updated_at: datetime
-
-
-@dataclass(frozen=True)
-class TurnRecord:
-    id: int
-    position: int
-    role: str
-    text: str
-    status: str
-    media: list[MediaRecord] = field(default_factory=list)
-    error: str | None = None
-    finish_reason: str | None = None
-    dropped_turns: int = 0
-    prefix: list[dict] | None = None
-
-
-@dataclass(frozen=True)
-class ReplyRecord:
-    """What the service saves when a reply ends."""
-
-    text: str
-    status: str  # "complete" | "stopped" | "failed"
-    error: str | None = None
-    finish_reason: str | None = None
-    dropped_turns: int = 0
-    prefix: list[dict] | None = None
-
-
-@dataclass(frozen=True)
-class ExampleSetInfo:
-    id: int
-    name: str
-    size: int
-
-
-@dataclass(frozen=True)
-class ExampleRecord:
-    id: int
-    set_id: int
-    position: int
-    text: str
-    media: MediaRecord
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -66,9 +66,9 @@ def build_ui(service: ChatService, config: AppConfig) -> gr.Blocks:
         status = gr.Markdown(elem_id="model-status")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat", elem_id="chat-tab"):
-                chat = _chat_layout(config)
+                chat = _chat_layout()
             with gr.Tab("Few-shot examples", id="examples", elem_id="examples-tab"):
-                build_examples_tab(service, config, chat.example_set)
+                build_examples_tab(service, chat.example_set)
         tabs = wire_chat(service, config, chat)
         demo.load(lambda: service.model_status(), None, status, queue=False)
         demo.load(lambda: _page_load(service), None, [chat.sessions, chat.example_set], queue=False)
@@ -86,7 +86,7 @@ def _page_load(service: ChatService):
     return sessions, sets
 
 
-def _chat_layout(config: AppConfig) -> ChatParts:
+def _chat_layout() -> ChatParts:
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=220):
             new_session = gr.Button("+ New conversation", elem_id="new-session", variant="primary")

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import gradio as gr
 
 from app import views
-from app.config import AppConfig
 from app.intake import InputRejected
 from app.service import ChatService
 from app.store import Conflict, NotFound
@@ -72,7 +71,7 @@ def _layout(chat_sets: gr.Dropdown):
     return parts, controls
 
 
-def build_examples_tab(service: ChatService, config: AppConfig, chat_sets: gr.Dropdown) -> ExampleParts:
+def build_examples_tab(service: ChatService, chat_sets: gr.Dropdown) -> ExampleParts:
     parts, c = _layout(chat_sets)
     handlers = _Handlers(service, parts, c)
     view = parts.view

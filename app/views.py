@@ -52,7 +52,7 @@ def session_choices(sessions: Sequence[SessionInfo]) -> list[tuple[str, str]]:
 
 
 def set_choices(sets: Sequence[ExampleSetInfo], with_none: bool = True) -> list[tuple[str, str]]:
-    choices = [(f"{s.name} ({s.size})", str(s.id)) for s in sets]
+    choices = [(f"{s.name} · {s.size} example{'' if s.size == 1 else 's'}", str(s.id)) for s in sets]
     return [(NO_SET, NO_SET)] + choices if with_none else choices
 
 
