@@ -136,7 +136,8 @@ def write_tiny_corpus(root):
     vqa = [("How many cats are there?", ["2", "two"], "count"), ("What colour is the background?", ["red"], "colour"),
            ("Where is the dog?", ["left", "on the left"], "position"), ("How many apples are there?", ["3", "three"], "count"),
            ("What colour is the background?", ["blue"], "colour"), ("How many dogs are there?", ["2", "two"], "count")]
-    _write(root / "vqa.test.jsonl", [{"media": [img(COLOURS[i])], "question": q, "answers": a, "qtype": t} for i, (q, a, t) in enumerate(vqa)])
+    _write(root / "vqa.test.jsonl", [{"media": [img(COLOURS[i])], "question": q, "answers": a, "qtype": t, "heldout": i % 2 == 0}
+                                     for i, (q, a, t) in enumerate(vqa)])
     rows = []
     for i, d in enumerate(["right", "left", "right", "left"]):
         rel = f"media/v{i}.gif"
@@ -200,6 +201,7 @@ def test_cli_writes_contract_json_and_png(corpus, tmp_path, task, extra, shots, 
             assert len(k2["seeds"]) == 2
     if task == "vqa":
         assert all("majority_baseline" in r and "per_qtype" in r for r in rows)
+        assert sum(v["n"] for v in rows[0]["per_split"].values()) == 3
     if task == "dialogue":
         assert rows[0]["dialogue_kind"] == "multi_image" and len(rows[0]["per_turn"]) == 2
     if task == "caption":

@@ -224,6 +224,21 @@ def _row(shots: int, metric: str, per_seed: Sequence[float], n: int, blind: Sequ
     return row
 
 
+def _has_splits(items: list[dict], queries: Sequence[int]) -> bool:
+    return all("heldout" in items[q] for q in queries)
+
+
+def _split_means(items: list[dict], queries: Sequence[int], per_seed: Sequence[dict]) -> dict:
+    """Scores of the queries about held-out concepts vs concepts seen in training (the corpus
+    marks each test item "heldout"), averaged over seeds: {"heldout": {...}, "seen": {...}}."""
+    out = {}
+    for name, flag in (("heldout", True), ("seen", False)):
+        qs = [q for q in queries if bool(items[q]["heldout"]) == flag]
+        if qs:
+            out[name] = {"score": M.mean([M.mean([d[q] for q in qs]) for d in per_seed]), "n": len(qs)}
+    return out
+
+
 def _mean_over_seeds(dicts: Sequence[dict]) -> dict:
     keys = sorted({k for d in dicts for k in d})
     return {k: M.mean([d[k] for d in dicts if k in d]) for k in keys}
@@ -293,9 +308,10 @@ def eval_vqa(model, items: list[dict], settings: EvalSettings, bank: MediaBank |
     results, samples = [], []
     bar = r.progress(sum(len(queries) * len(r.seeds_for(k)) for k in settings.shots))
     for k in settings.shots:
-        per_seed, per_seed_blind, per_type, per_type_blind = [], [], [], []
+        per_seed, per_seed_blind, per_type, per_type_blind, per_seed_acc = [], [], [], [], []
         for seed in r.seeds_for(k):
             accs, baccs = {}, {}
+            per_seed_acc.append(accs)
             for qi in queries:
                 it = items[qi]
                 sup = r.support([qi], k, seed)
@@ -316,8 +332,9 @@ def eval_vqa(model, items: list[dict], settings: EvalSettings, bank: MediaBank |
         breakdown = {t: {"score": mt[t], "blind_score": bt[t],
                          "majority_baseline": M.mean([major_acc[q] for q in queries if items[q].get("qtype", "all") == t]),
                          "n": sum(1 for q in queries if items[q].get("qtype", "all") == t)} for t in qtypes}
+        extra = {"per_split": _split_means(items, queries, per_seed_acc)} if _has_splits(items, queries) else {}
         results.append(_row(k, "VQA accuracy", per_seed, len(queries), per_seed_blind,
-                            majority_baseline=M.mean(list(major_acc.values())), per_qtype=breakdown))
+                            majority_baseline=M.mean(list(major_acc.values())), per_qtype=breakdown, **extra))
     bar.close()
     return {"results": results, "samples": samples, "info": {"queries": len(queries), "pool": len(items)}}
 
@@ -405,8 +422,10 @@ def eval_video_qa(model, items: list[dict], settings: EvalSettings, bank: MediaB
     bar = r.progress(sum(len(queries) * len(r.seeds_for(k)) for k in settings.shots))
     for k in settings.shots:
         acc, cal, bl, cap_acc, cap_cal, cap_bl = [], [], [], [], [], []
+        per_seed_acc = []
         for seed in r.seeds_for(k):
             c = defaultdict(list)
+            per_seed_acc.append({})
             for qi in queries:
                 it = items[qi]
                 gold = {M.normalize_answer(a) for a in it["answers"]}
@@ -427,6 +446,8 @@ def eval_video_qa(model, items: list[dict], settings: EvalSettings, bank: MediaB
                     picks = {"raw": pick(s[0], rng), "cal": pick(calibrate(s[0], s[1]), rng), "blind": pick(b[0], rng)}
                     for how, p in picks.items():
                         c[(name, how)].append(float(M.normalize_answer(it["choices"][p]) in gold))
+                    if name == "qa":
+                        per_seed_acc[-1][qi] = c[("qa", "raw")][-1]
                     if name == "qa" and seed == r.seeds_for(k)[0] and len(samples) < NUM_SAMPLES * (settings.shots.index(k) + 1):
                         samples.append({"shots": k, "media": it["media"], "question": it["question"], "choices": it["choices"],
                                         "answers": it["answers"], "prediction": it["choices"][picks["raw"]],
@@ -442,8 +463,9 @@ def eval_video_qa(model, items: list[dict], settings: EvalSettings, bank: MediaB
                 cap_cal.append(M.mean(c[("caption", "cal")]))
                 cap_bl.append(M.mean(c[("caption", "blind")]))
         chance = M.mean([1.0 / len(items[q]["choices"]) for q in queries])
+        extra = {"per_split": _split_means(items, queries, per_seed_acc)} if _has_splits(items, queries) else {}
         results.append(_row(k, "accuracy", acc, len(queries), bl, calibrated_score=M.mean(cal), calibrated_std=M.std(cal),
-                            chance=chance))
+                            chance=chance, **extra))
         if captionable:
             results.append(_row(k, "accuracy (caption format)", cap_acc, len(queries), cap_bl, calibrated_score=M.mean(cap_cal),
                                 calibrated_std=M.std(cap_cal), chance=chance))
