@@ -62,7 +62,7 @@ class DatasetFeed:
     no media (nothing to learn: text before the first image has no labels), are skipped."""
 
     def __init__(self, spec, tokenizer, media_token_id: int, pad_id: int, *, seed: int, rank: int, world: int,
-                 cache: FeatureCache | None, image_size: int, num_frames: int, add_bos: bool = True):
+                 cache: FeatureCache | None, image_size: int, num_frames: int, add_bos: bool | None = None):
         self.spec = spec
         self.name, self.weight, self.batch_size = spec.name, float(spec.weight), spec.batch_size
         options = {k: getattr(spec, k) for k in ("image_dir", "image_column", "caption_column")}
@@ -79,13 +79,21 @@ class DatasetFeed:
         for i in range(len(self.source)):
             yield from self.source[i].media
 
-    def _media(self, path) -> torch.Tensor:
+    def _media(self, paths: list) -> dict:
+        """path -> (T, ...) features (cache) or pixels; None where the file cannot be read."""
         if self.cache is not None:
-            return self.cache.get(path, self.media_kind)
-        return load_pixels(path, self.image_size, self.num_frames, self.media_kind)
+            return self.cache.get_many(paths, self.media_kind)
+        out = {}
+        for p in paths:
+            try:
+                out[p] = load_pixels(p, self.image_size, self.num_frames, self.media_kind)
+            except (MediaError, OSError) as e:
+                log.warning("%s: unreadable media %s", self.name, e)
+                out[p] = None
+        return out
 
     def next_batch(self) -> ModelInputs:
-        samples, media = [], []
+        samples, media, pending = [], [], []
         for _ in range(1000 * self.batch_size):
             if len(samples) == self.batch_size:
                 break
@@ -94,14 +102,17 @@ class DatasetFeed:
             if not sample.media:
                 self.skipped += 1
                 continue
-            try:
-                row = [self._media(p) for p in sample.media]
-            except (MediaError, OSError) as e:
-                self.skipped += 1
-                log.warning("%s: skipping a record: %s", self.name, e)
-                continue
-            samples.append(sample)
-            media.append(row)
+            pending.append(sample)
+            if len(samples) + len(pending) == self.batch_size:
+                loaded = self._media([p for s in pending for p in s.media])  # one tower call for the misses
+                for s in pending:
+                    row = [loaded.get(p) for p in s.media]
+                    if any(m is None for m in row):
+                        self.skipped += 1
+                        continue
+                    samples.append(s)
+                    media.append(row)
+                pending = []
         if len(samples) < self.batch_size:
             raise ValueError(f"dataset {self.name!r}: no usable records (media unreadable, or no images in the sampled windows)")
         batch: Batch = collate(samples, self.pad_id, self.media_token_id)
@@ -148,5 +159,14 @@ class FlamingoLoss(nn.Module):
             labels = labels.clone()  # touches every parameter, so DDP ranks stay in step
             labels[0, -1] = input_ids[0, -1]
             scale = 0.0
-        out = model(input_ids, visual, attention_mask, labels=labels, p_next=self.p_next)
+        media = None
+        if visual is not None:
+            media = model.media_context(visual, input_ids, 0, self.p_next if self.training else 0.0)
+            if any(getattr(w, "gradient_checkpointing", False) for w in model._wrappers):
+                # Project the media for every gated block outside the checkpointed layers: filled
+                # lazily inside them, the recomputation would find the cache full and save fewer
+                # tensors than the first pass (torch.utils.checkpoint raises).
+                for block_id, block in model.gated_blocks.items():
+                    media.kv[block_id] = block.attn.project_media(visual)
+        out = model(input_ids, None, attention_mask, media=media, labels=labels)
         return out.loss * scale

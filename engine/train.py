@@ -49,6 +49,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
+def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the fused kernel (CPU and CUDA) when asked: on CPU it
+    takes the update from ~13 s to ~1 s per step for a 126M-parameter Perceiver + gated blocks."""
+    groups = param_groups(model, optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=bool(optim.fused))
+
+
 def warmup_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
@@ -74,21 +81,15 @@ def apply_freezing(model, cfg: TrainConfig) -> None:
 
 
 def resolve_mixed_precision(setting: str, device_type: str) -> str:
+    """auto: bf16 autocast on GPU, and on CPUs with bf16 instructions (there it measured ~1.3x
+    faster than fp32 for a SmolLM2 training step); fp32 elsewhere."""
+    from .device import cpu_fast_bf16
+
     if setting != "auto":
         return setting
-    # bf16 autocast: on GPU always; on CPU it is faster where the CPU has bf16 instructions
-    # (measured: see the README / configs), else fp32.
     if device_type == "cuda":
         return "bf16"
-    return "bf16" if cpu_has_bf16() else "no"
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return "bf16" if cpu_fast_bf16() else "no"
 
 
 class Trainer:
@@ -114,8 +115,7 @@ class Trainer:
         self._check_model()
         self.feeds = self._build_feeds()
         self.weights = [f.weight for f in self.feeds]
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                           betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.optim.warmup_steps))
         p_next = self.model.config.cross_attention.p_next
         # The scheduler stays unprepared: accelerate would step it once per process.
@@ -156,6 +156,7 @@ class Trainer:
             feeds.append(DatasetFeed(spec, model.tokenizer, model.media_token_id, pad_id, seed=cfg.data.seed, rank=self.rank,
                                      world=self.world, cache=cache, image_size=model.vision.image_size,
                                      num_frames=cfg.data.num_frames, add_bos=cfg.data.add_bos))
+        self.cache = cache
         if cache is not None and cfg.data.precompute_features:
             self._precompute(cache, [f for f in feeds if f.weight > 0])
         return feeds
@@ -308,9 +309,15 @@ class Trainer:
         return plot_metrics(self.metrics_path, self.run_dir / "loss.png")
 
 
-def train(cfg: TrainConfig, resume: str | bool = True) -> dict:
+def train(cfg: TrainConfig, resume: str | bool = True, precompute_only: bool = False) -> dict:
     if cfg.mode == "contrastive":
         from .contrastive import train_contrastive
 
         return train_contrastive(cfg, resume=resume)
+    if precompute_only:  # fill the feature cache and stop
+        if not cfg.data.feature_cache:
+            raise ValueError("--precompute-only needs data.feature_cache: true")
+        cfg.data.precompute_features = True
+        Trainer(cfg, resume=False)
+        return {}
     return Trainer(cfg, resume=resume).fit()

@@ -58,7 +58,9 @@ class DataConfig:
     precompute_features: bool = True
     cache_dir: str | None = None  # default: <root>/.feature_cache
     cache_key: str = "mtime"  # mtime (path + mtime + size) | content (sha256 of the file)
-    add_bos: bool = True  # start each sequence with the tokenizer's BOS token, as the paper
+    # Start each sequence with the tokenizer's BOS token? null (auto): when the tokenizer adds
+    # one itself on encode (Llama-style), so training sees what inference sees; SmolLM2 adds none.
+    add_bos: bool | None = None
     seed: int = 0
 
 
@@ -70,6 +72,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
+    fused: bool = True  # torch's fused AdamW kernel (CPU and CUDA): much faster on CPU
     strategy: str = "accumulation"  # accumulation | round_robin
     gradient_checkpointing: bool = False
     freeze_vision: bool = True

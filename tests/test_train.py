@@ -45,3 +45,46 @@ def test_end_to_end_checkpoints_and_exact_resume(corpus, tmp_path):
 
     wa, wb = load_file(full / "model" / "flamingo.safetensors"), load_file(part / "model" / "flamingo.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_lazy_feature_cache_stores_only_what_batches_used(tmp_path):
+    corpus = write_corpus(tmp_path / "c")
+    raw = tiny_train_config(corpus, tmp_path / "run", **{"run.max_steps": 1, "data.precompute_features": False})
+    t = _trainer(raw)
+    t.fit()
+    files = list((corpus / ".feature_cache").rglob("*.safetensors"))
+    assert 0 < len(files) < len(list((corpus / "media").iterdir()))
+    assert t.cache.misses == len(files)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(corpus, tmp_path):
+    from engine.objective import FlamingoLoss
+
+    raw = tiny_train_config(corpus, tmp_path / "r")
+    t = _trainer(raw, resume=False)
+    b = t.feeds[0].next_batch()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(gates=0.3)
+        model.set_gradient_checkpointing(ckpt)
+        model.train()
+        FlamingoLoss(model)(b.input_ids, b.attention_mask, b.labels, features=b.features).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n])
+
+
+def test_bos_follows_the_tokenizer():
+    from engine.data.readers import Record
+    from engine.data.sampling import SequenceSampler
+    from engine.testing import tiny_tokenizer
+    from engine.tokens import add_flamingo_tokens
+
+    tok = tiny_tokenizer()
+    media_id, _ = add_flamingo_tokens(tok)
+    rec = Record(["x"], "<image>a cat<EOC>", "pairs")
+    assert SequenceSampler(tok, media_id, "pairs")(rec).input_ids[0] == media_id  # adds none on encode: none here
+    tok.bos_token = "<|endoftext|>"
+    forced = SequenceSampler(tok, media_id, "pairs", add_bos=True)(rec).input_ids
+    assert forced[0] == tok.bos_token_id and forced[1] == media_id

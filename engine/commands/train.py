@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", nargs="?", const="latest", default="latest",
                    help="a checkpoint dir to resume from (default: the run dir's latest checkpoint, if any)")
     g.add_argument("--no-resume", action="store_true", help="start over even if the run dir has checkpoints")
+    p.add_argument("--precompute-only", action="store_true",
+                   help="compute the frozen vision features of every media file into the cache, then stop")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set run.max_steps=10 (the value is read as YAML)")
 
@@ -43,7 +45,7 @@ def run(args) -> int:
 
     cfg = load_train_config(args.config, parse_overrides(args.set))
     resume: str | bool = False if args.no_resume else (True if args.resume == "latest" else args.resume)
-    last = train(cfg, resume=resume)
+    last = train(cfg, resume=resume, precompute_only=args.precompute_only)
     if last:
         print(json.dumps({k: v for k, v in last.items() if k.startswith("loss") or k in ("step", "lr")}), file=sys.stderr)
     return 0

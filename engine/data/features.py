@@ -82,6 +82,29 @@ class FeatureCache:
         self._store(f, feats)
         return feats
 
+    def get_many(self, paths: list[str | Path], kind: str | None = None) -> dict[Path, torch.Tensor | None]:
+        """Features of several files; the misses are computed together in one tower call and
+        stored. An unreadable file maps to None (logged)."""
+        out: dict[Path, torch.Tensor | None] = {}
+        todo: list[tuple[Path, torch.Tensor]] = []
+        for p in dict.fromkeys(Path(x) for x in paths):
+            try:
+                f = self.file_for(p)
+                if f.is_file():
+                    self.hits += 1
+                    out[p] = load_file(f)["features"]
+                    continue
+                todo.append((p, load_pixels(p, self.tower.image_size, self.num_frames, kind)))
+            except (MediaError, OSError) as e:
+                log.warning("unreadable media %s: %s", p, e)
+                out[p] = None
+        if todo:
+            self.misses += len(todo)
+            for (p, _), feats in zip(todo, self._encode([px for _, px in todo])):
+                self._store(self.file_for(p), feats)
+                out[p] = feats
+        return out
+
     # ----- building -----------------------------------------------------------------------
     def missing(self, paths: Iterable[str | Path]) -> list[Path]:
         out, seen = [], set()

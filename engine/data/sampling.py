@@ -47,7 +47,7 @@ class SequenceSampler:
     checkpoints) so a resumed run draws the same windows."""
 
     def __init__(self, tokenizer, media_token_id: int, kind: str, max_tokens: int = 256, max_images: int = 5,
-                 seed: int = 0, add_bos: bool = True):
+                 seed: int = 0, add_bos: bool | None = None):
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
         if max_images < 1:
@@ -55,6 +55,8 @@ class SequenceSampler:
         self.tokenizer, self.media_token_id, self.kind = tokenizer, media_token_id, kind
         self.max_tokens, self.max_images = max_tokens, max_images
         bos = getattr(tokenizer, "bos_token_id", None)
+        if add_bos is None:  # auto: as the tokenizer itself does on a plain encode
+            add_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
         self.bos = [bos] if (add_bos and bos is not None) else []
         self.rng = random.Random(seed)
 
@@ -70,7 +72,8 @@ class SequenceSampler:
             ids, media = sample_window(ids, record.media, self.media_token_id, self.rng, self.max_tokens, self.max_images)
         else:
             ids, media = truncate(ids, record.media, self.media_token_id, self.max_tokens, self.max_images)
-        return Sample(self.bos + ids, media)
+        bos = self.bos if ids[:1] != self.bos else []  # a record may already start with it
+        return Sample(bos + ids, media)
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.getstate()}
