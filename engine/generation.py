@@ -19,8 +19,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
-    NoRepeatNGramLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -118,17 +116,21 @@ def check_settings(settings: GenerationSettings) -> None:
 class Sampler:
     """Next-token choice: banned tokens, repetition controls, then greedy (temperature 0) or
     sampling with temperature, top-k and top-p from a generator seeded by `settings.seed`
-    (a fresh random seed when None). One Sampler per reply; not shared between threads."""
+    (a fresh random seed when None). One Sampler per reply; not shared between threads.
+
+    Repetition penalty (HF's rule: a seen token's logit is divided by the penalty, multiplied
+    when negative) and no-repeat-ngram touch only the few token ids concerned, and greedy choice
+    is a top-(k+1) over the raw logits: no per-token pass over the whole vocabulary on the CPU,
+    where each such pass wakes every intra-op thread (costly on a shared or sandboxed machine).
+    Sampling uses transformers' temperature / top-k / top-p warpers on the logits' device.
+    """
 
     def __init__(self, settings: GenerationSettings, banned_ids: tuple[int, ...] = ()):
         check_settings(settings)
         self.greedy = settings.temperature == 0
-        self.banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long)
-        self.penalties = LogitsProcessorList()
-        if settings.repetition_penalty != 1.0:
-            self.penalties.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
-        if settings.no_repeat_ngram_size > 0:
-            self.penalties.append(NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size))
+        self.banned = sorted(set(banned_ids))
+        self.penalty = float(settings.repetition_penalty)
+        self.ngram = int(settings.no_repeat_ngram_size)
         self.warpers = LogitsProcessorList()
         if not self.greedy:
             if settings.temperature != 1.0:
@@ -143,17 +145,41 @@ class Sampler:
         else:
             self.generator.manual_seed(int(settings.seed))
 
+    def ngram_bans(self, generated: list[int]) -> set[int]:
+        """Tokens that would complete an n-gram already in `generated`."""
+        n = self.ngram
+        if n <= 0 or len(generated) < n:
+            return set()
+        prefix = generated[len(generated) - n + 1:]
+        return {generated[i + n - 1] for i in range(len(generated) - n + 1) if generated[i : i + n - 1] == prefix}
+
+    def adjustments(self, generated: list[int], scores: torch.Tensor) -> dict[int, float]:
+        """{token id: its new logit} for the banned, penalised and n-gram-blocked tokens."""
+        vocab = scores.shape[-1]
+        adjusted: dict[int, float] = {}
+        if self.penalty != 1.0 and generated:
+            ids = sorted({t for t in generated if 0 <= t < vocab})
+            values = scores[torch.tensor(ids, device=scores.device)].float().tolist()
+            adjusted = {i: (v * self.penalty if v < 0 else v / self.penalty) for i, v in zip(ids, values)}
+        for t in (*self.ngram_bans(generated), *self.banned):
+            if 0 <= t < vocab:
+                adjusted[t] = float("-inf")
+        return adjusted
+
     def __call__(self, generated: list[int], logits: torch.Tensor) -> int:
         """generated: the reply's tokens so far; logits: (V,) or (1, V) for the next position."""
-        scores = logits.reshape(1, -1).float().cpu().clone()  # the model may return inference tensors
-        if len(self.banned):
-            scores[:, self.banned[self.banned < scores.shape[-1]]] = float("-inf")
-        if generated and len(self.penalties):
-            scores = self.penalties(torch.tensor([generated]), scores)
+        scores = logits.reshape(-1)
+        adjusted = self.adjustments(generated, scores)
         if self.greedy:
-            return int(scores.argmax(-1))
-        scores = self.warpers(torch.tensor([generated], dtype=torch.long).reshape(1, -1), scores)
-        probs = torch.softmax(scores, dim=-1)
+            values, ids = scores.float().topk(min(len(adjusted) + 1, scores.shape[-1]))
+            candidates = [(v, i) for v, i in zip(values.tolist(), ids.tolist()) if i not in adjusted]
+            candidates += [(v, i) for i, v in adjusted.items()]
+            return max(candidates, key=lambda c: (c[0], -c[1]))[1]  # ties: the lowest id, as argmax
+        s = scores.float()[None].clone()
+        if adjusted:
+            s[0, torch.tensor(list(adjusted), device=s.device)] = torch.tensor(list(adjusted.values()), device=s.device)
+        s = self.warpers(torch.empty(1, 0, dtype=torch.long, device=s.device), s)
+        probs = torch.softmax(s, dim=-1).cpu()
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

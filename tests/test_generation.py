@@ -99,6 +99,27 @@ def test_repetition_penalty_and_no_repeat_ngram():
     assert ngram([7, 1, 3, 7], logits) != 1  # "7 1" already occurred: 1 may not follow 7 again
 
 
+def test_greedy_with_penalties_matches_transformers_processors():
+    """The index-only repetition controls choose what HF's logits processors would."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        logits = torch.randn(V, generator=g) * 3
+        generated = torch.randint(0, 12, (int(torch.randint(0, 30, (1,), generator=g)),), generator=g).tolist()
+        penalty, n = [1.0, 1.1, 1.5, 0.8][trial % 4], [0, 1, 2, 3][(trial // 4) % 4]
+        ours = Sampler(GenerationSettings(temperature=0, repetition_penalty=penalty, no_repeat_ngram_size=n), banned_ids=(3,))
+        ref = logits[None].clone()
+        ref[0, 3] = float("-inf")
+        if generated:
+            ids = torch.tensor([generated])
+            if penalty != 1.0:
+                ref = RepetitionPenaltyLogitsProcessor(penalty)(ids, ref)
+            if n:
+                ref = NoRepeatNGramLogitsProcessor(n)(ids, ref)
+        assert ours(generated, logits) == int(ref.argmax()), (generated, penalty, n)
+
+
 def test_sampling_is_seeded_and_reproducible():
     logits = torch.randn(V, generator=torch.Generator().manual_seed(0))
     settings = GenerationSettings(temperature=1.2, top_p=0.9, top_k=20, repetition_penalty=1.0, no_repeat_ngram_size=0, seed=123)
