@@ -29,6 +29,7 @@ cores are shared; on a quiet machine use the default threads).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -72,7 +73,9 @@ def load_backbones(random_weights: bool):
 
     if not random_weights:
         lm, tokenizer = load_lm("smollm2")
-        return lm, tokenizer, EfficientNetLite0Tower()
+        with contextlib.redirect_stdout(sys.stderr):  # the EfficientNet package prints; stdout is for the JSON
+            tower = EfficientNetLite0Tower()
+        return lm, tokenizer, tower
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
