@@ -174,13 +174,17 @@ class FlamingoModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V) with V covering the new token ids."""
         logits = self.lm.get_output_embeddings()(hidden)
-        vocab = max(logits.shape[-1], max(self.new_token_ids) + 1)
-        if vocab > logits.shape[-1]:
-            logits = F.pad(logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
         out_table = self.new_token_embeddings if self.tied else self.new_token_output
-        new = hidden @ out_table.to(device=hidden.device, dtype=hidden.dtype).T  # (..., 2)
+        new = (hidden @ out_table.to(device=hidden.device, dtype=hidden.dtype).T).to(device=logits.device, dtype=logits.dtype)
+        v = logits.shape[-1]
+        if self.new_token_ids == (v, v + 1):  # the usual case: the new ids extend the vocabulary
+            return torch.cat([logits, new], dim=-1)
+        # ids inside the LM's (padded) vocabulary, or not adjacent: overwrite those columns
+        vocab = max(v, max(self.new_token_ids) + 1)
+        if vocab > v:
+            logits = F.pad(logits, (0, vocab - v), value=float("-inf"))
         ids = torch.tensor(self.new_token_ids, device=logits.device)
-        return logits.index_copy(-1, ids, new.to(device=logits.device, dtype=logits.dtype))
+        return logits.index_copy(-1, ids, new)
 
     def forward(
         self,
