@@ -105,7 +105,7 @@ def run(args) -> int:
 
     shots = args.shots or default_shots(args.task)
     settings = EvalSettings(shots=shots, seeds=args.seeds, selection=args.selection, limit=args.limit, way=args.way,
-                            num_frames=args.num_frames, max_new_tokens=args.max_new_tokens, turns=max(2, args.turns),
+                            num_frames=args.num_frames, max_new_tokens=args.max_new_tokens, turns=args.turns,
                             history=args.history, progress=not args.no_progress)
     settings.check()
     items = None if args.task == "text" else load_task_data(args.task, args.data)  # bad data fails before the model loads
