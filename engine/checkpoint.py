@@ -93,6 +93,17 @@ def finalize(run_dir: str | Path, step: int, keep_last: int) -> Path:
     return final
 
 
+def load_rank_state(path: str | Path, scheduler, rank: int) -> dict:
+    """The parts accelerate's save_state does not hold (FSDP runs): schedule, RNG, data."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    per_rank = torch.load(path / f"rank-{rank}.pt", weights_only=False)
+    set_rng_state(per_rank["rng"])
+    state["data"] = per_rank["data"]
+    return state
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, scheduler, rank: int) -> dict:
     """Restores weights, optimiser, schedule and this rank's RNG; returns state.json with this
     rank's data state under "data"."""

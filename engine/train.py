@@ -176,9 +176,19 @@ class Trainer:
         log.info("feature cache %s: %d media, %d computed here, %d unreadable (%.1fs)", stats["cached"], len(set(paths)),
                  stats["computed"], stats["failed"], time.time() - t)
 
+    @property
+    def sharded(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
     def _resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.loss_module).model, self.optimizer,
-                                     self.scheduler, self.rank)
+        if self.sharded:
+            self.accelerator.load_state(str(Path(path) / "accelerate"))
+            state = ckpt.load_rank_state(path, self.scheduler, self.rank)
+        else:
+            state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.loss_module).model, self.optimizer,
+                                         self.scheduler, self.rank)
         self.step = int(state["step"])
         data = state["data"]
         for f in self.feeds:
@@ -277,8 +287,13 @@ class Trainer:
         stage = ckpt.checkpoints_dir(self.run_dir) / f"step-{self.step}.tmp"
         stage.mkdir(parents=True, exist_ok=True)
         ckpt.save_rank_state(stage, self.rank, {f.name: f.state_dict() for f in self.feeds})
-        if acc.is_main_process:
-            state = {"step": self.step, "world_size": self.world, "config": self.cfg.to_dict()}
+        state = {"step": self.step, "world_size": self.world, "config": self.cfg.to_dict()}
+        if self.sharded:  # FSDP: sharded weights and optimiser state, saved by accelerate (collective)
+            acc.save_state(str(stage / "accelerate"))
+            if acc.is_main_process:
+                torch.save(self.scheduler.state_dict(), stage / "scheduler.pt")
+                (stage / "state.json").write_text(json.dumps({**state, "format": "accelerate"}, indent=2))
+        elif acc.is_main_process:
             ckpt.save_main(stage, acc.unwrap_model(self.loss_module).model, self.optimizer, self.scheduler, state)
         acc.wait_for_everyone()
         path = None
@@ -291,8 +306,19 @@ class Trainer:
     def save_final(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        if self.sharded:  # gather the full weights (collective), then write the model as usual
+            full = acc.get_state_dict(self.loss_module)
+            if acc.is_main_process:
+                from .model import FlamingoModel
+
+                model = FlamingoModel.from_config(self.model.config)
+                apply_freezing(model, self.cfg)
+                model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=False)
+                model.save_pretrained(self.run_dir / "model")
+            acc.wait_for_everyone()
+            return
         if acc.is_main_process:
-            model = acc.unwrap_model(self.loss_module).model
+            model = acc.unwrap_model(self.loss_module).model  # (FSDP: use a full-state-dict config)
             out = self.run_dir / "model"
             if not self.cfg.optim.freeze_lm:  # the fine-tuned LM goes with the model
                 model.lm.save_pretrained(out / "lm")

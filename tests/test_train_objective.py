@@ -158,3 +158,16 @@ def test_config_reads_yaml_numbers_and_defaults(corpus, tmp_path):
     raw = tiny_train_config(corpus, tmp_path, **{"optim.lr": "1e-4"})
     cfg = parse_train_config(raw)
     assert cfg.optim.lr == 1e-4 and cfg.data.datasets[1].max_tokens == 64 and cfg.data.datasets[0].max_tokens == 48
+
+
+def test_example_configs_parse():
+    from pathlib import Path
+
+    from engine.train_config import load_train_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    found = [p for p in sorted(root.glob("*.yaml")) if not p.name.startswith("accelerate")]
+    assert found
+    for p in found:
+        cfg = load_train_config(p)
+        assert cfg.data.datasets, p
