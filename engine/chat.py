@@ -104,11 +104,13 @@ class ChatEngine:
         cache_size: int = 256,
         *,
         max_sessions: int = 8,
+        max_cached_tokens: int = 32768,
         prefix_cache: bool = True,
         name: str | None = None,
     ):
         """cache_size: media items kept as visual tokens (0: none); max_sessions: conversations
-        whose KV cache is kept; prefix_cache=False re-runs the whole prompt every turn."""
+        whose KV cache is kept, at most max_cached_tokens tokens in all (least recently used go
+        first); prefix_cache=False re-runs the whole prompt every turn."""
         self.model = model
         self.placement = placement or Placement(next(model.lm.parameters()).device, next(model.lm.parameters()).dtype)
         self._place_model()
@@ -119,6 +121,7 @@ class ChatEngine:
         self.media = MediaEncoder(model, self.placement, cache_size)
         self.prefix_cache = prefix_cache and max_sessions > 0
         self.max_sessions = max_sessions
+        self.max_cached_tokens = max_cached_tokens
         self.context_length = _context_length(model)
         self.stop_ids = self._stop_ids()
         self.banned_ids = (model.media_token_id,)
@@ -224,8 +227,10 @@ class ChatEngine:
         with self._lock:
             self._sessions[session_id] = state
             self._sessions.move_to_end(session_id)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+            total = sum(len(s.ids) for s in self._sessions.values())
+            while len(self._sessions) > 1 and (len(self._sessions) > self.max_sessions or total > self.max_cached_tokens):
+                _, evicted = self._sessions.popitem(last=False)
+                total -= len(evicted.ids)
 
     def _reusable(self, state: _SessionCache, ids: list[int], keys: list[tuple]) -> int:
         """Length of the cached prefix valid for `ids`: equal tokens, and equal media behind

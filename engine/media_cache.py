@@ -26,6 +26,8 @@ from .vision import images_to_tensor
 
 log = logging.getLogger(__name__)
 
+EMBEDDING_FRAMES = 8  # frames of a video pooled into its embedding
+
 
 @dataclass
 class MediaItem:
@@ -165,15 +167,16 @@ class MediaEncoder:
         pooled = features.float().mean(dim=(0, 1, 2)).cpu()
         item = MediaItem((digest, len(frames)), kind, visual, pooled, timestamps)
         self.items.put(item.key, item)
-        self.embeddings.put(digest, pooled)
+        if kind == "image" or len(frames) == self.frames_for(EMBEDDING_FRAMES):
+            self.embeddings.put(digest, pooled)  # the same vector `embedding` would compute
         return item
 
-    def embedding(self, path, num_frames: int = 8) -> torch.Tensor:
-        """(d_vision,) mean-pooled frozen features, float32 on CPU."""
+    def embedding(self, path) -> torch.Tensor:
+        """(d_vision,) mean-pooled frozen features, float32 on CPU (a video: over EMBEDDING_FRAMES frames)."""
         digest = self.hash(path)
         pooled = self.embeddings.get(digest)
         if pooled is None:
-            _, frames, _ = self._load(path, self.frames_for(num_frames))
+            _, frames, _ = self._load(path, self.frames_for(EMBEDDING_FRAMES))
             pooled = self._features(frames).float().mean(dim=(0, 1, 2)).cpu()
             self.embeddings.put(digest, pooled)
         return pooled

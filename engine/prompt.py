@@ -24,6 +24,7 @@ examples and queries in the same `<image>text<EOC>` form (`task_example`, `task_
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from .conversation import Conversation, Example, Turn
@@ -140,6 +141,9 @@ class ChatFormat:
     end_of_turn_id: int | None = field(init=False)
 
     def __post_init__(self):
+        # A fast tokenizer's __call__ re-sets its truncation/padding state (a mutable borrow of
+        # the Rust object): concurrent calls from several threads can fail, so encode one at a time.
+        self._lock = threading.Lock()
         self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.end_of_turn_id = self._find_end_of_turn() if self.has_template else None
 
@@ -152,7 +156,8 @@ class ChatFormat:
         except Exception:  # a template that refuses the probe: no end-of-turn token known
             return None
         after = text[text.rfind(probe) + len(probe):]
-        ids = self.tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        with self._lock:
+            ids = self.tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
         if not ids:
             return None
         special = set(getattr(self.tokenizer, "all_special_ids", []))
@@ -180,7 +185,8 @@ class ChatFormat:
 
     def encode(self, text: str) -> list[int]:
         # A chat template writes any BOS itself; plain text gets the tokenizer's usual specials.
-        return self.tokenizer(text, add_special_tokens=not self.has_template)["input_ids"]
+        with self._lock:
+            return self.tokenizer(text, add_special_tokens=not self.has_template)["input_ids"]
 
 
 @dataclass

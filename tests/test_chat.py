@@ -285,3 +285,16 @@ def test_sharded_lm_with_disk_offload_gives_identical_replies(media, tmp_path):
     assert [s.tokens for s in chat(sharded, turns)] == [s.tokens for s in chat(plain, turns)]
     loaded = ChatEngine.load("tiny", device="cpu", max_memory={"cpu": size // 2, "disk": 10 * size})
     assert set(loaded.model.lm.hf_device_map.values()) == {"cpu", "disk"}
+
+
+def test_session_caches_are_bounded(model, media):
+    engine = ChatEngine(model, max_sessions=2, max_cached_tokens=10_000)
+    for sid in ("a", "b", "c"):
+        chat(engine, [("Hi", [media["img0"]])], session_id=sid)
+    assert list(engine._sessions) == ["b", "c"]
+    tight = ChatEngine(model, max_cached_tokens=30)
+    for sid in ("a", "b"):
+        chat(tight, [("Hello there, what is this?", [media["img0"]])], session_id=sid)
+    assert list(tight._sessions) == ["b"]  # the newest is always kept
+    engine.forget("c")
+    assert list(engine._sessions) == ["b"]
