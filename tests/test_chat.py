@@ -16,13 +16,8 @@ from engine.testing import tiny_model
 from engine.vision import images_to_tensor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes more threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GREEDY = GenerationSettings(max_new_tokens=10, temperature=0.0)

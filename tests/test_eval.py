@@ -14,13 +14,8 @@ from engine.eval.scoring import (MediaBank, _forward, encode_text, greedy_genera
 from engine.testing import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 210, 40), (200, 40, 200), (40, 200, 210), (120, 120, 120)]
@@ -154,9 +149,9 @@ def corpus(tmp_path_factory):
 
 
 def _run_cli(args):
-    from engine.commands.eval import main
+    from engine.__main__ import main
 
-    return main(args)
+    return main(["eval", *args])
 
 
 def _check_report(out, task, shots, metric_names):

@@ -12,13 +12,8 @@ from engine.generation import DecodeResult, IncrementalDetokenizer, Sampler, dec
 from engine.testing import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes more threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V = 50

@@ -130,21 +130,3 @@ def run(args) -> int:
         print(f"{args.task} shots={r['shots']} {r['metric']}={r['score']:.4f}{extra} (n={r['n']})", file=sys.stderr)
     print(f"wrote {json_path} and {png}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m engine.commands.eval ...`: the same, without the other subcommands."""
-    p = argparse.ArgumentParser(prog="python -m engine.commands.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
