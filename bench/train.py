@@ -124,7 +124,11 @@ def main() -> None:
 
     from engine.objective import FlamingoLoss
 
-    ours = build_ours(args.every).train()
+    import contextlib
+
+    quiet = contextlib.redirect_stdout(sys.stderr)  # libraries print while loading: stdout stays JSON
+    with quiet:
+        ours = build_ours(args.every).train()
     loss_mod = FlamingoLoss(ours)
     ids, mask, labels, pixels = batch(args.batch, args.tokens, ours.media_token_id, ours.eoc_token_id, ours.tokenizer.pad_token_id)
     with torch.no_grad():
@@ -140,7 +144,8 @@ def main() -> None:
     }
     info = {"ours_trainable_params": sum(p.numel() for p in ours_params)}
     if not args.skip_openflamingo:
-        of, tok = build_openflamingo(args.every, args.freeze_of_embeddings)
+        with contextlib.redirect_stdout(sys.stderr):
+            of, tok = build_openflamingo(args.every, args.freeze_of_embeddings)
         of.train()
         of_media, of_eoc = tok.encode("<image>")[-1], tok.encode("<|endofchunk|>")[-1]
         of_ids = ids.clone()
@@ -153,23 +158,29 @@ def main() -> None:
         steps["openflamingo"] = make_step(of_params, lambda: of(pixels, of_ids, mask, labels=of_labels)[0], bf16=args.bf16)
 
     times: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(args.steps + 1):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             if r > 0:  # round 0 warms up
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     out = {
         "config": {"batch": args.batch, "tokens": args.tokens, "images_per_sequence": 1, "cross_attn_every": args.every,
                    "bf16_autocast": args.bf16, "threads": torch.get_num_threads(), "rounds": args.steps},
         "seconds_per_step": {k: round(v, 3) for k, v in med.items()},
         "samples_per_s": {k: round(args.batch / v, 3) for k, v in med.items()},
+        # CPU seconds of this process per step: steadier than wall time on a shared machine
+        "cpu_seconds_per_step": {k: round(v, 3) for k, v in med_cpu.items()},
         "all_step_times": {k: [round(x, 3) for x in v] for k, v in times.items()},
         **info,
     }
     if "openflamingo" in med:
         out["speedup_vs_openflamingo"] = {k: round(med["openflamingo"] / med[k], 2) for k in ("ours_pixels", "ours_cache")}
+        out["speedup_vs_openflamingo_cpu_time"] = {k: round(med_cpu["openflamingo"] / med_cpu[k], 2) for k in ("ours_pixels", "ours_cache")}
     print(json.dumps(out, indent=2))
 
 
