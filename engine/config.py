@@ -13,6 +13,9 @@ class VisionConfig:
     # vision model id / local path (CLIPVisionModel, SiglipVisionModel, ...).
     name: str = "efficientnet-lite0"
     image_size: int = 224
+    # A state dict (safetensors) replacing the tower's weights, e.g. the
+    # run_dir/tower/vision.safetensors of a contrastive run (mode: contrastive).
+    weights: str | None = None
 
 
 @dataclass

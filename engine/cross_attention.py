@@ -104,11 +104,15 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = FeedForward(dim, config.ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
+    def project_into(self, media: MediaContext, block_id: int, like: torch.Tensor) -> None:
+        """Fills media.kv[block_id] once per context, on `like`'s device and dtype (moving is a
+        no-op unless the LM is sharded over devices by accelerate's device_map)."""
+        if block_id not in media.kv:
+            media.kv[block_id] = self.attn.project_media(media.visual.to(device=like.device, dtype=like.dtype))
+
     def forward(self, x: torch.Tensor, media: MediaContext, block_id: int) -> torch.Tensor:
         """x: (B, L, dim) -> (B, L, dim)"""
-        if block_id not in media.kv:
-            # .to() is a no-op unless the LM is sharded over devices (accelerate device_map)
-            media.kv[block_id] = self.attn.project_media(media.visual.to(device=x.device, dtype=x.dtype))
+        self.project_into(media, block_id, x)
         r = media.visual.shape[-2]
         media_index = media.media_index.to(x.device)
         x = x + self.attn_gate.tanh() * self.attn(x, media.kv[block_id], media_index, r, media.only_last)

@@ -43,6 +43,10 @@ class FlamingoDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, flamingo_media: MediaContext | None = None, **kwargs):
         if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gated_block is not None and flamingo_media is not None:
+                # Project the media outside the checkpoint: the lazily filled MediaContext.kv
+                # would otherwise hold them on recomputation, and the saved tensors would differ.
+                self.gated_block.project_into(flamingo_media, self.block_id, hidden_states)
             return checkpoint(self._forward, hidden_states, *args, flamingo_media=flamingo_media, use_reentrant=False, **kwargs)
         return self._forward(hidden_states, *args, flamingo_media=flamingo_media, **kwargs)
 

@@ -162,11 +162,5 @@ class FlamingoLoss(nn.Module):
         media = None
         if visual is not None:
             media = model.media_context(visual, input_ids, 0, self.p_next if self.training else 0.0)
-            if any(getattr(w, "gradient_checkpointing", False) for w in model._wrappers):
-                # Project the media for every gated block outside the checkpointed layers: filled
-                # lazily inside them, the recomputation would find the cache full and save fewer
-                # tensors than the first pass (torch.utils.checkpoint raises).
-                for block_id, block in model.gated_blocks.items():
-                    media.kv[block_id] = block.attn.project_media(visual)
         out = model(input_ids, None, attention_mask, media=media, labels=labels)
         return out.loss * scale

@@ -36,23 +36,30 @@ log = logging.getLogger(__name__)
 NO_DECAY_NAMES = ("gate", "latents", "time_embeddings", "new_token_embeddings", "new_token_output", "embed", "wte", "wpe", "norm", "ln_")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, gate_lr: float | None = None) -> list[dict]:
+    """Decayed weight matrices; everything else undecayed; the tanh gates in a group of their own
+    when `gate_lr` is set (see OptimConfig.gate_lr)."""
+    decay, no_decay, gates = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.lower()
-        if p.ndim < 2 or any(k in leaf for k in NO_DECAY_NAMES):
+        if gate_lr is not None and leaf.endswith(("attn_gate", "ff_gate")):
+            gates.append(p)
+        elif p.ndim < 2 or any(k in leaf for k in NO_DECAY_NAMES):
             no_decay.append(p)
         else:
             decay.append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0, "lr": gate_lr})
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; the fused kernel (CPU and CUDA) when asked: on CPU it
     takes the update from ~13 s to ~1 s per step for a 126M-parameter Perceiver + gated blocks."""
-    groups = param_groups(model, optim.weight_decay)
+    groups = param_groups(model, optim.weight_decay, optim.gate_lr)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=bool(optim.fused))
 
 

@@ -69,6 +69,10 @@ class OptimConfig:
     lr: float = 1e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    # The tanh gates start at 0 and Adam moves a parameter by about `lr` a step, so at lr 1e-4
+    # a gate needs thousands of steps to open (the paper trains 500k). A short run gives the
+    # gates their own, larger learning rate. None: the same as `lr`.
+    gate_lr: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping

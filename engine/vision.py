@@ -174,7 +174,21 @@ class TinyVisionTower(VisionTower):
 
 def load_vision_tower(config: VisionConfig) -> VisionTower:
     if config.name == "efficientnet-lite0":
-        return EfficientNetLite0Tower(config.image_size)
-    if config.name == "tiny":
-        return TinyVisionTower(config.image_size)
-    return HFVisionTower(config.name, config.image_size)
+        tower = EfficientNetLite0Tower(config.image_size)
+    elif config.name == "tiny":
+        tower = TinyVisionTower(config.image_size)
+    else:
+        tower = HFVisionTower(config.name, config.image_size)
+    if config.weights:
+        _load_weights(tower, config.weights)
+    return tower.freeze()
+
+
+def _load_weights(tower: VisionTower, path: str) -> None:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ValueError(f"vision.weights: no such file {path}")
+    result = tower.load_state_dict(load_file(path), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"vision.weights {path} does not fit {tower.name}: missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")

@@ -249,3 +249,18 @@ def test_tiny_tower_is_frozen_in_train_mode():
     tower = TinyVisionTower()
     tower.train()
     assert not tower.training and not any(p.requires_grad for p in tower.parameters())
+
+
+def test_vision_weights_file_replaces_the_tower_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from engine.config import VisionConfig
+    from engine.vision import load_vision_tower
+
+    adapted = TinyVisionTower(seed=7)
+    save_file({k: v.contiguous() for k, v in adapted.state_dict().items()}, tmp_path / "vision.safetensors")
+    tower = load_vision_tower(VisionConfig(name="tiny", image_size=32, weights=str(tmp_path / "vision.safetensors")))
+    x = torch.rand(1, 1, 3, 32, 32)
+    assert torch.equal(tower(x), adapted(x)) and not torch.equal(tower(x), TinyVisionTower(seed=0)(x))
+    with pytest.raises(ValueError, match="no such file"):
+        load_vision_tower(VisionConfig(name="tiny", image_size=32, weights=str(tmp_path / "missing.safetensors")))

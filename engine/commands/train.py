@@ -49,22 +49,3 @@ def run(args) -> int:
     if last:
         print(json.dumps({k: v for k, v in last.items() if k.startswith("loss") or k in ("step", "lr")}), file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m engine.commands.train --config ...`: the same, without the other subcommands."""
-    import logging
-
-    p = argparse.ArgumentParser(prog="python -m engine.commands.train", description=__doc__)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
