@@ -7,7 +7,7 @@ TEST_OK := $(VENV)/.test-installed
 PORT   ?= 7860
 CORPUS ?= corpus
 
-.PHONY: run test test-fast data default-model bench clean-venv chromium
+.PHONY: run test test-fast data default-model eval-default bench clean-venv debian-deps
 
 $(APP_OK): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,31 +21,48 @@ $(TEST_OK): $(APP_OK) requirements-test.txt
 	$(PIP) install --no-deps open-flamingo==2.0.1
 	touch $@
 
-chromium:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null; } || echo "chromium missing: browser tests will fail"
+# Debian packages the tests use: chromium (browser tests), the clip art and emoji the corpus
+# builder reads (its real-source tests). Installed when missing and running as root.
+DEBIAN_PKGS := chromium openclipart-png fonts-noto-color-emoji
+debian-deps:
+	@missing=$$(for p in $(DEBIAN_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q >/dev/null; apt-get install -y -q $$missing >/dev/null; \
+	  else echo "missing Debian packages (install as root): $$missing"; fi; \
+	fi
 
 run: $(APP_OK)
 	$(PY) launch.py --port $(PORT)
 
-test: $(TEST_OK) chromium
+test: $(TEST_OK) debian-deps
 	$(PY) -m pytest
 
 test-fast: $(TEST_OK)
 	$(PY) -m pytest -m "not slow and not browser"
 
 # The offline corpus from Debian's clip art and emoji (installed here when missing, as root).
-data: $(APP_OK)
-	@for p in openclipart-png fonts-noto-color-emoji; do \
-	  dpkg -s $$p >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -q $$p >/dev/null; } || echo "$$p missing: apt-get install -y $$p"; \
-	done
+data: DEBIAN_PKGS := openclipart-png fonts-noto-color-emoji
+data: $(APP_OK) debian-deps
 	test -f $(CORPUS)/manifest.json || $(PY) -m engine build-data --out $(CORPUS) --size full --seed 0
 
-# The built-in model: corpus -> training subsets + chat records -> train (resumes) -> fp16 export -> eval.
+# The built-in model: corpus -> training subsets + chat records -> train (resumes) -> fp16 export
+# -> evaluation into assets/model/eval (the model card's numbers).
 default-model: data
 	$(PY) -m engine.data.prepare --corpus $(CORPUS)
 	$(PY) -m engine train --config configs/default_model.yaml
 	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model/model').save_pretrained('assets/model', dtype=torch.float16)"
-	$(PY) -m engine eval --model assets/model --task classify --shots 0,4,8 --data $(CORPUS) --out runs/default_model/eval_classify.json
+	$(MAKE) eval-default
+
+EVAL := $(PY) -m engine eval --model assets/model --data $(CORPUS) --no-progress
+EVAL_OUT := assets/model/eval
+eval-default: $(APP_OK)
+	mkdir -p $(EVAL_OUT)
+	$(EVAL) --task classify  --shots 0,4,8 --limit 150 --out $(EVAL_OUT)/classify.json
+	$(EVAL) --task recognize --limit 300 --out $(EVAL_OUT)/recognize.json
+	$(EVAL) --task vqa       --shots 0,4 --limit 150 --out $(EVAL_OUT)/vqa.json
+	$(EVAL) --task video_qa  --shots 0 --limit 150 --out $(EVAL_OUT)/video_qa.json
+	$(EVAL) --task caption   --shots 0,4 --limit 80 --out $(EVAL_OUT)/caption.json
+	$(EVAL) --task text      --out $(EVAL_OUT)/text.json
 
 bench: $(TEST_OK)
 	$(PY) bench/forward.py
