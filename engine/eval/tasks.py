@@ -361,9 +361,9 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
     results, samples = [], []
     bar = r.progress(sum(len(queries) * len(r.seeds_for(k, episodic=True)) for k in settings.shots))
     for k in settings.shots:
-        acc, cal, bl, used = [], [], [], []
+        acc, cal, bl, used, norm = [], [], [], [], []
         for seed in r.seeds_for(k, episodic=True):
-            c_raw, c_cal, c_blind, n_sup = [], [], [], []
+            c_raw, c_cal, c_blind, n_sup, c_norm = [], [], [], [], []
             for qi in queries:
                 rng = random.Random(f"{task}:{seed}:{qi}")
                 y = labels[qi]
@@ -388,6 +388,9 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
                 b = score_continuations(model, ids, [r.blind(paths)], conts)
                 gold = cands.index(y)
                 pred, pred_cal, pred_blind = pick(s[0], rng), pick(calibrate(s[0], s[1]), rng), pick(b[0], rng)
+                # length-normalised: mean log-probability per token, so long names are not penalised
+                pred_norm = pick(s[0] / torch.tensor([len(c) for c in conts], dtype=s[0].dtype, device=s[0].device), rng)
+                c_norm.append(float(pred_norm == gold))
                 c_raw.append(float(pred == gold))
                 c_cal.append(float(pred_cal == gold))
                 c_blind.append(float(pred_blind == gold))
@@ -402,8 +405,10 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
             cal.append(M.mean(c_cal))
             bl.append(M.mean(c_blind))
             used.append(M.mean(n_sup))
+            norm.append(M.mean(c_norm))
         results.append(_row(k, "accuracy", acc, len(queries), bl, calibrated_score=M.mean(cal), calibrated_std=M.std(cal),
-                            calibrated_seeds=cal, chance=1.0 / way, way=way, support_mean=M.mean(used)))
+                            calibrated_seeds=cal, normalized_score=M.mean(norm), chance=1.0 / way, way=way,
+                            support_mean=M.mean(used)))
     bar.close()
     return {"results": results, "samples": samples,
             "info": {"queries": len(queries), "pool": len(items), "classes": len(classes), "way": way}}
