@@ -101,8 +101,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.config = config
         self.attn = MaskedCrossAttention(dim, dim_visual, config.heads, config.dim_head)
         self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = FeedForward(dim, config.ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        # ff_mult 0 leaves the dense layer out: a GATED XATTN block only (see CrossAttentionConfig)
+        self.ff = FeedForward(dim, config.ff_mult) if config.ff_mult > 0 else None
+        self.ff_gate = nn.Parameter(torch.zeros(1)) if self.ff is not None else None
 
     def project_into(self, media: MediaContext, block_id: int, like: torch.Tensor) -> None:
         """Fills media.kv[block_id] once per context, on `like`'s device and dtype (moving is a
@@ -116,6 +117,8 @@ class GatedCrossAttentionBlock(nn.Module):
         r = media.visual.shape[-2]
         media_index = media.media_index.to(x.device)
         x = x + self.attn_gate.tanh() * self.attn(x, media.kv[block_id], media_index, r, media.only_last)
+        if self.ff is None:
+            return x
         ff = self.ff(x)
         if not self.config.dense_on_text_only:
             ff = ff * (media_index >= 0)[..., None].to(ff.dtype)

@@ -94,4 +94,5 @@ def set_gates(model: FlamingoModel, alpha: float) -> None:
     with torch.no_grad():
         for block in model.gated_blocks.values():
             block.attn_gate.fill_(alpha)
-            block.ff_gate.fill_(alpha)
+            if block.ff_gate is not None:
+                block.ff_gate.fill_(alpha)

@@ -264,3 +264,16 @@ def test_vision_weights_file_replaces_the_tower_weights(tmp_path):
     assert torch.equal(tower(x), adapted(x)) and not torch.equal(tower(x), TinyVisionTower(seed=0)(x))
     with pytest.raises(ValueError, match="no such file"):
         load_vision_tower(VisionConfig(name="tiny", image_size=32, weights=str(tmp_path / "missing.safetensors")))
+
+
+def test_blocks_without_the_dense_layer():
+    model = tiny_model(gates=1.0, ff_mult=0)
+    block = next(iter(model.gated_blocks.values()))
+    assert block.ff is None and block.ff_gate is None
+    ids, pixels = _inputs(model)
+    before, seg0, _ = _segments(model, ids)
+    with torch.no_grad():
+        ours = model(ids, model.encode_media(pixels)).logits[0]
+        bare = tiny_lm("llama", seed=0)(inputs_embeds=model.embed(ids)).logits[0]
+    assert torch.allclose(ours[before][:, : bare.shape[-1]], bare[before], atol=1e-5)
+    assert not torch.allclose(ours[seg0][:, : bare.shape[-1]], bare[seg0], atol=1e-3)
