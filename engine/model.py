@@ -203,6 +203,7 @@ class FlamingoModel(nn.Module):
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         p_next: float = 0.0,
+        loss_reduction: str = "mean",
     ) -> FlamingoOutput:
         """
         input_ids:      (B, L) with <image> markers, one per media item
@@ -229,18 +230,23 @@ class FlamingoModel(nn.Module):
         )
         hidden = out.last_hidden_state
         if labels is not None:
-            return FlamingoOutput(None, getattr(out, "past_key_values", None), self.loss(hidden, labels))
+            return FlamingoOutput(None, getattr(out, "past_key_values", None), self.loss(hidden, labels, loss_reduction))
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         return FlamingoOutput(self.logits(hidden), getattr(out, "past_key_values", None))
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Next-token cross-entropy on the labelled positions only (the LM head is the costliest
-        layer of a small LM; most positions of a sequence carry no label)."""
+        layer of a small LM; most positions of a sequence carry no label). reduction: "mean",
+        "sum", "none" (per labelled token) or "sequence" ((B,) sums per row)."""
         targets = labels[:, 1:]
         keep = targets != -100
         h = hidden[:, :-1][keep]
         logits = self.logits(h).float()
+        if reduction == "sequence":  # (B,) summed over each row's labelled tokens
+            per_token = F.cross_entropy(logits, targets[keep], reduction="none")
+            rows = keep.nonzero()[:, 0]
+            return torch.zeros(labels.shape[0], device=per_token.device).index_add_(0, rows, per_token)
         return F.cross_entropy(logits, targets[keep], reduction=reduction)
 
     # ----- parameters -----------------------------------------------------------------------

@@ -140,7 +140,7 @@ class FlamingoLoss(nn.Module):
         self.model = model
         self.p_next = p_next
 
-    def forward(self, input_ids, attention_mask, labels, features=None, pixels=None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, labels, features=None, pixels=None, contrast: float = 0.0) -> torch.Tensor:
         model = self.model
         if features is not None:
             visual = model.resample(features)
@@ -162,5 +162,22 @@ class FlamingoLoss(nn.Module):
         media = None
         if visual is not None:
             media = model.media_context(visual, input_ids, 0, self.p_next if self.training else 0.0)
+        if contrast > 0 and visual is not None and visual.shape[0] > 1 and scale > 0:
+            return self._with_image_contrast(input_ids, attention_mask, labels, visual, media, contrast)
         out = model(input_ids, None, attention_mask, media=media, labels=labels)
         return out.loss * scale
+
+    def _with_image_contrast(self, input_ids, attention_mask, labels, visual, media, weight: float, margin: float = 2.0):
+        """Next-token loss plus a hinge that asks each sequence's text to be more likely with its
+        own images than with the next row's: weight * mean(relu(margin + nll_own - nll_other))
+        (nll summed over the row's labels). A constant, image-blind use of the visual tokens
+        scores the same under both and pays the margin, which keeps the resampler from
+        collapsing onto its latents when the text alone explains most of the loss."""
+        model = self.model
+        own = model(input_ids, None, attention_mask, media=media, labels=labels, loss_reduction="sequence").loss
+        rolled = visual.roll(1, dims=0)
+        other_media = model.media_context(rolled, input_ids, 0)
+        other = model(input_ids, None, attention_mask, media=other_media, labels=labels, loss_reduction="sequence").loss
+        counts = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
+        nll = own.sum() / counts.sum()
+        return nll + weight * torch.relu(margin + own - other).mean()

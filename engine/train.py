@@ -224,7 +224,7 @@ class Trainer:
             with acc.no_sync(self.loss_module) if not sync else nullcontext():
                 with acc.autocast():
                     loss = self.loss_module(inputs.input_ids, inputs.attention_mask, inputs.labels,
-                                            features=inputs.features, pixels=inputs.pixels)
+                                            features=inputs.features, pixels=inputs.pixels, contrast=feed.spec.image_contrast)
                 acc.backward(loss * feed.weight)
             losses[feed.name] = loss.detach().float()
             samples += inputs.num_samples

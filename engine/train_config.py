@@ -41,6 +41,9 @@ class DatasetConfig:
     batch_size: int = 8
     max_tokens: int | None = None  # default: 256 interleaved, 64 pairs / video
     max_images: int = 5
+    # > 0 adds a hinge asking each text to be likelier with its own images than another row's
+    # (engine/objective.py FlamingoLoss._with_image_contrast); costs a second forward.
+    image_contrast: float = 0.0
     shuffle: bool = True
     image_dir: str | None = None  # coco / mmc4 / parquet: where the images are
     image_column: str | None = None  # parquet

@@ -171,3 +171,26 @@ def test_example_configs_parse():
     for p in found:
         cfg = load_train_config(p)
         assert cfg.data.datasets, p
+
+
+def test_image_contrast_penalises_image_blind_use():
+    import torch
+
+    from engine.objective import FlamingoLoss
+    from engine.testing import tiny_model
+
+    model = tiny_model(gates=1.0)
+    ids = model.tokenizer(["<image>A cat.<EOC>", "<image>A dog.<EOC>"], return_tensors="pt", padding=True)
+    labels = ids.input_ids.clone()
+    labels[ids.attention_mask == 0] = -100
+    labels[labels == model.media_token_id] = -100
+    feats = torch.randn(2, 1, 1, 16, model.vision.feature_dim)
+    loss_fn = FlamingoLoss(model)
+    plain = loss_fn(ids.input_ids, ids.attention_mask, labels, features=feats)
+    with_contrast = loss_fn(ids.input_ids, ids.attention_mask, labels, features=feats, contrast=1.0)
+    same = loss_fn(ids.input_ids, ids.attention_mask, labels, features=feats[:1].expand(2, -1, -1, -1, -1), contrast=1.0)
+    # identical images: own == other, so the hinge pays exactly the margin (2.0) on top of the NLL
+    assert torch.allclose(same - loss_fn(ids.input_ids, ids.attention_mask, labels, features=feats[:1].expand(2, -1, -1, -1, -1)), torch.tensor(2.0), atol=1e-4)
+    assert with_contrast > plain
+    with_contrast.backward()
+    assert model.resampler.latents.grad is not None
