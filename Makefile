@@ -57,11 +57,11 @@ EVAL := $(PY) -m engine eval --model assets/model --data $(CORPUS) --no-progress
 EVAL_OUT := assets/model/eval
 eval-default: $(APP_OK)
 	mkdir -p $(EVAL_OUT)
-	$(EVAL) --task classify  --shots 0,4,8 --limit 150 --out $(EVAL_OUT)/classify.json
-	$(EVAL) --task recognize --limit 300 --out $(EVAL_OUT)/recognize.json
-	$(EVAL) --task vqa       --shots 0,4 --limit 150 --out $(EVAL_OUT)/vqa.json
-	$(EVAL) --task video_qa  --shots 0 --limit 150 --out $(EVAL_OUT)/video_qa.json
-	$(EVAL) --task caption   --shots 0,4 --limit 80 --out $(EVAL_OUT)/caption.json
+	$(EVAL) --task classify  --shots 0,4,8 --seeds 1 --limit 60 --out $(EVAL_OUT)/classify.json
+	$(EVAL) --task recognize --limit 150 --out $(EVAL_OUT)/recognize.json
+	$(EVAL) --task vqa       --shots 0,4 --seeds 1 --limit 80 --out $(EVAL_OUT)/vqa.json
+	$(EVAL) --task video_qa  --shots 0 --limit 80 --out $(EVAL_OUT)/video_qa.json
+	$(EVAL) --task caption   --shots 0,4 --seeds 1 --limit 40 --out $(EVAL_OUT)/caption.json
 	$(EVAL) --task text      --out $(EVAL_OUT)/text.json
 
 bench: $(TEST_OK)
