@@ -33,7 +33,10 @@ SCRIPT = textwrap.dedent("""
     weights = {{n: p.detach().contiguous() for n, p in t.model.named_parameters() if p.requires_grad}}
     save_file(weights, f"{{run}}/rank{{t.rank}}.safetensors")
     # each rank read its own share of the data
-    print("FIRST", t.rank, t.feeds[1].stream.source[t.feeds[1].stream._epoch_order()[0]].media[0].name, flush=True)
+    # one file per rank: two processes printing to one pipe can interleave their lines
+    import pathlib
+    pathlib.Path(run).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(run) / f"first-{{t.rank}}.txt").write_text(t.feeds[1].stream.source[t.feeds[1].stream._epoch_order()[0]].media[0].name)
 """)
 
 
@@ -62,6 +65,6 @@ def test_two_process_ddp_ranks_end_identical(tmp_path):
 
     init = {n: p for n, p in tiny_model(seed=0).named_parameters() if p.requires_grad}
     assert any(not torch.equal(init[k], a[k]) for k in a)
-    firsts = sorted(l.split()[2] for l in proc.stdout.splitlines() if l.startswith("FIRST"))
+    firsts = sorted((run / f"first-{r}.txt").read_text() for r in (0, 1))
     assert len(firsts) == 2 and firsts[0] != firsts[1]
     assert (run / "checkpoints" / "step-2" / "rank-1.pt").is_file() and (run / "model" / "flamingo.safetensors").is_file()
