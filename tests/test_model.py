@@ -42,15 +42,21 @@ def _segments(model, ids):
     return (idx == -1), (idx == 0), (idx == 1)
 
 
-def test_only_last_masking_at_block_level():
+def _block_runner(only_last: bool):
+    """A gated block's cross-attention on fixed text states: visual (1, 2, 4, d) -> (1, L, dim),
+    with the token segments of TEXT and a visual input to perturb."""
     torch.manual_seed(0)
     model = tiny_model(gates=1.0)
     block = next(iter(model.gated_blocks.values()))
     ids, _ = _inputs(model)
-    before, seg0, seg1 = _segments(model, ids)
     x = torch.randn(1, ids.shape[1], 64)
-    visual = torch.randn(1, 2, 4, model.resampler.dim)
-    run = lambda v: block.attn(x, block.attn.project_media(v), media_index_from_ids(ids, model.media_token_id), 4, True)
+    idx = media_index_from_ids(ids, model.media_token_id)
+    run = lambda v: block.attn(x, block.attn.project_media(v), idx, 4, only_last)
+    return run, _segments(model, ids), torch.randn(1, 2, 4, model.resampler.dim)
+
+
+def test_only_last_masking_at_block_level():
+    run, (before, seg0, seg1), visual = _block_runner(only_last=True)
     base = run(visual)
     changed0 = visual.clone(); changed0[:, 0] += 1
     changed1 = visual.clone(); changed1[:, 1] += 1
@@ -61,14 +67,7 @@ def test_only_last_masking_at_block_level():
 
 
 def test_all_previous_mode_sees_earlier_media():
-    model = tiny_model(gates=1.0)
-    block = next(iter(model.gated_blocks.values()))
-    ids, _ = _inputs(model)
-    before, seg0, seg1 = _segments(model, ids)
-    x = torch.randn(1, ids.shape[1], 64)
-    visual = torch.randn(1, 2, 4, model.resampler.dim)
-    idx = media_index_from_ids(ids, model.media_token_id)
-    run = lambda v: block.attn(x, block.attn.project_media(v), idx, 4, False)
+    run, (before, seg0, seg1), visual = _block_runner(only_last=False)
     changed0 = visual.clone(); changed0[:, 0] += 1
     base, out0 = run(visual), run(changed0)
     assert not torch.allclose(out0[0, seg1], base[0, seg1])  # segment 1 sees image 0 too
