@@ -27,6 +27,11 @@ class ResamplerConfig:
     num_latents: int = 64
     ff_mult: int = 4
     max_frames: int = 8  # learned time embeddings; longer videos are sampled down to this
+    # Standardise each feature channel with fixed statistics of the training media (set by
+    # `engine train`, saved with the weights) before the projection. Raw tower features share a
+    # large common component (pooled cosine between different images ~0.34; ~0 once
+    # standardised), which lets the resampler settle on an image-blind output.
+    standardize_features: bool = False
 
 
 @dataclass

@@ -79,7 +79,7 @@ class DatasetFeed:
         for i in range(len(self.source)):
             yield from self.source[i].media
 
-    def _media(self, paths: list) -> dict:
+    def load_media(self, paths: list) -> dict:
         """path -> (T, ...) features (cache) or pixels; None where the file cannot be read."""
         if self.cache is not None:
             return self.cache.get_many(paths, self.media_kind)
@@ -104,7 +104,7 @@ class DatasetFeed:
                 continue
             pending.append(sample)
             if len(samples) + len(pending) == self.batch_size:
-                loaded = self._media([p for s in pending for p in s.media])  # one tower call for the misses
+                loaded = self.load_media([p for s in pending for p in s.media])  # one tower call for the misses
                 for s in pending:
                     row = [loaded.get(p) for p in s.media]
                     if any(m is None for m in row):

@@ -70,6 +70,10 @@ class PerceiverResampler(nn.Module):
         dim = config.dim or vision_dim
         self.config = config
         self.dim = dim
+        if config.standardize_features:
+            # Per-channel statistics of the frozen features; `set_feature_stats` fills them in.
+            self.register_buffer("feature_mean", torch.zeros(vision_dim))
+            self.register_buffer("feature_std", torch.ones(vision_dim))
         self.proj = nn.Linear(vision_dim, dim) if dim != vision_dim else nn.Identity()
         self.latents = nn.Parameter(torch.randn(config.num_latents, dim) * 0.02)
         self.time_embeddings = nn.Parameter(torch.randn(config.max_frames, 1, dim) * 0.02)
@@ -78,12 +82,24 @@ class PerceiverResampler(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor, eps: float = 1e-3) -> None:
+        """(..., d_vision) frozen features of training media -> the per-channel mean and std
+        used by `standardize_features`."""
+        if not self.config.standardize_features:
+            raise ValueError("set_feature_stats needs resampler.standardize_features: true")
+        x = features.reshape(-1, features.shape[-1]).float()
+        self.feature_mean.copy_(x.mean(0))
+        self.feature_std.copy_(x.std(0) + eps)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 5:
             raise ValueError(f"resampler expects features (B, M, T, S, d), got shape {tuple(features.shape)}")
         b, m, t, s, _ = features.shape
         if t > self.config.max_frames:
             raise ValueError(f"{t} frames exceed the resampler's max_frames={self.config.max_frames}")
+        if self.config.standardize_features:
+            features = (features - self.feature_mean) / self.feature_std
         x_f = self.proj(features) + self.time_embeddings[:t]  # (B, M, T, S, dim)
         x_f = x_f.reshape(b, m, t * s, self.dim)
         latents = self.latents.expand(b, m, -1, -1)

@@ -18,6 +18,7 @@ embeddings (their rows are inputs, updated sparsely; decay would shrink rarely-u
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -121,6 +122,7 @@ class Trainer:
             apply_freezing(self.model, cfg)
         self._check_model()
         self.feeds = self._build_feeds()
+        self._init_feature_stats()
         self.weights = [f.weight for f in self.feeds]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.optim.warmup_steps))
@@ -182,6 +184,30 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         log.info("feature cache %s: %d media, %d computed here, %d unreadable (%.1fs)", stats["cached"], len(set(paths)),
                  stats["computed"], stats["failed"], time.time() - t)
+
+    def _init_feature_stats(self, max_media: int = 512) -> None:
+        """For resampler.standardize_features: per-channel statistics of the frozen features of
+        the first media of each dataset. Deterministic, so a resumed run recomputes the same."""
+        resampler = self.model.resampler
+        if not resampler.config.standardize_features:
+            return
+        feeds = [f for f in self.feeds if f.weight > 0]
+        per_feed = max(1, max_media // len(feeds))
+        device = self.accelerator.device
+        chunks = []
+        for f in feeds:
+            paths = list(itertools.islice(dict.fromkeys(f.media_paths()), per_feed))
+            for x in f.load_media(paths).values():
+                if x is None:
+                    continue
+                if f.cache is None:  # pixels (T, 3, H, W) -> features (T, S, d)
+                    with torch.no_grad():
+                        x = self.model.vision.to(device)(x[None].to(device))[0]
+                chunks.append(x.reshape(-1, x.shape[-1]).float().cpu())
+        if not chunks:
+            raise ValueError("standardize_features: no readable media in the training data")
+        resampler.set_feature_stats(torch.cat(chunks))
+        log.info("feature statistics from %d media (%d vectors)", len(chunks), sum(len(c) for c in chunks))
 
     @property
     def sharded(self) -> bool:

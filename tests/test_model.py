@@ -135,6 +135,24 @@ def test_resampler_projection_and_bad_input():
         r(torch.randn(2, 5, 40))
 
 
+def test_resampler_standardizes_features_with_stored_statistics(tmp_path):
+    torch.manual_seed(0)
+    cfg = ResamplerConfig(depth=1, heads=2, dim_head=8, num_latents=3, max_frames=2, standardize_features=True)
+    r = PerceiverResampler(cfg, vision_dim=12)
+    scale, shift = torch.rand(12) * 5 + 0.5, torch.randn(12) * 10
+    data = torch.randn(400, 12)
+    x = torch.randn(1, 2, 1, 5, 12)
+    r.set_feature_stats(data)
+    before = r(x)
+    r.set_feature_stats(data * scale + shift)  # the same data in other units: same output
+    assert torch.allclose(r(x * scale + shift), before, atol=2e-3)  # up to the std epsilon
+    assert {"feature_mean", "feature_std"} <= set(r.state_dict())  # saved with the weights
+    plain = PerceiverResampler(ResamplerConfig(depth=1, heads=2, dim_head=8, num_latents=3, max_frames=2), vision_dim=12)
+    assert "feature_mean" not in plain.state_dict()  # older checkpoints keep loading
+    with pytest.raises(ValueError, match="standardize_features"):
+        plain.set_feature_stats(data)
+
+
 def test_freezing_after_an_optimiser_step():
     model = tiny_model(gates=0.1)
     model.train()

@@ -1,6 +1,7 @@
 """Training: a tiny end-to-end run with the feature cache, checkpoints and exact resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -88,3 +89,24 @@ def test_bos_follows_the_tokenizer():
     tok.bos_token = "<|endoftext|>"
     forced = SequenceSampler(tok, media_id, "pairs", add_bos=True)(rec).input_ids
     assert forced[0] == tok.bos_token_id and forced[1] == media_id
+
+
+def test_standardize_features_statistics_come_from_the_training_media(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.model import WEIGHTS_NAME, FlamingoModel
+
+    model = tiny_model()
+    cfg = dataclasses.replace(model.config, resampler=dataclasses.replace(model.config.resampler, standardize_features=True))
+    model = FlamingoModel(cfg, model.lm, model.tokenizer, model.vision)
+    raw = tiny_train_config(corpus, tmp_path / "run", **{"run.max_steps": 1})
+    t = Trainer(parse_train_config(raw), model=model)
+    mean, std = model.resampler.feature_mean, model.resampler.feature_std
+    assert not torch.allclose(mean, torch.zeros_like(mean)) and not torch.allclose(std, torch.ones_like(std))
+    t.fit()
+    out = tmp_path / "saved"
+    model.save_pretrained(out)
+    fresh = tiny_model(seed=1)
+    again = FlamingoModel(cfg, fresh.lm, fresh.tokenizer, fresh.vision)
+    again.load_trainable_state_dict(load_file(out / WEIGHTS_NAME))
+    assert torch.equal(again.resampler.feature_mean, mean) and torch.equal(again.resampler.feature_std, std)
