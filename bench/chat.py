@@ -1,7 +1,7 @@
 """A 10-turn chat with a new picture each turn: our ChatEngine with its caches, without them, and
 OpenFlamingo 2.0.1 (`open_flamingo`, its own generate) on the same weights. Prints JSON.
 
-    .venv/bin/python bench/chat.py [--turns 10] [--tokens 20] [--threads N] [--skip-openflamingo]
+    .venv/bin/python bench/chat.py [--turns 10] [--tokens 20] [--threads N] [--skip-openflamingo] [--model assets/model]
 
 Setup: SmolLM2-135M-Instruct + EfficientNet-Lite0, a gated block before every 4th decoder layer,
 OpenFlamingo's resampler (depth 6, 64 latents). The trainable weights are a randomised OpenFlamingo
@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-turns", default="1,4,7,10", help="turns at whose context decode speed is compared with the bare LM")
     p.add_argument("--skip-openflamingo", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (our model only; OpenFlamingo runs on the CPU)")
+    p.add_argument("--model", default=None, help="a saved Flamingo model folder (e.g. assets/model, the built-in model) instead of the OpenFlamingo-shaped one; OpenFlamingo is skipped (other architecture)")
     p.add_argument("--lm-dir", default=None, help="a folder with an LM config and tokenizer: random weights of that shape instead of the built-in SmolLM2 (machines without it)")
     p.add_argument("--worker", choices=("ours", "openflamingo"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -87,13 +88,15 @@ def rss_mb() -> float:
 
 
 # ----- ours -------------------------------------------------------------------------------------------
-def load_ours(workdir: Path, lm_dir: str | None = None):
+def load_ours(workdir: Path, lm_dir: str | None = None, saved: str | None = None):
     from safetensors.torch import load_file
 
     from engine.config import FlamingoConfig
     from engine.model import FlamingoModel
     from engine.testing import set_gates
 
+    if saved:
+        return FlamingoModel.from_pretrained(saved), f"saved model {saved}"
     weights = workdir / "ours.safetensors"
     converted = weights.is_file()
     config = FlamingoConfig.load(workdir / "ours_config.json") if converted else FlamingoConfig()
@@ -230,7 +233,7 @@ def worker_ours(args, workdir: Path) -> dict:
     images = json.loads((workdir / "images.json").read_text())
     warmup, images = images["warmup"], images["chat"][: args.turns]
     t = time.perf_counter()
-    model, weights = load_ours(workdir, args.lm_dir)
+    model, weights = load_ours(workdir, args.lm_dir, args.model)
     placement = resolve(args.device)
     cached = ChatEngine(model, placement, name="bench")
     uncached = ChatEngine(model, placement, cache_size=0, prefix_cache=False)
@@ -349,7 +352,8 @@ def worker_openflamingo(args, workdir: Path) -> dict:
 def run_worker(kind: str, args, workdir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(workdir),
            "--turns", str(args.turns), "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeats", str(args.repeats),
-           "--decode-turns", args.decode_turns, "--device", args.device] + (["--lm-dir", args.lm_dir] if args.lm_dir else [])
+           "--decode-turns", args.decode_turns, "--device", args.device] + (["--lm-dir", args.lm_dir] if args.lm_dir else []) \
+        + (["--model", args.model] if args.model else [])
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}", "stderr_tail": r.stderr[-2000:]}
@@ -401,7 +405,7 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         paths = make_images(workdir, args.turns + 1)
         (workdir / "images.json").write_text(json.dumps({"chat": paths[:-1], "warmup": paths[-1]}))
-        of = None if args.skip_openflamingo else run_worker("openflamingo", args, workdir)
+        of = None if (args.skip_openflamingo or args.model) else run_worker("openflamingo", args, workdir)
         ours = run_worker("ours", args, workdir)
         same = None
         if (workdir / "openflamingo_texts.json").is_file() and (workdir / "ours_texts.json").is_file():
@@ -409,7 +413,7 @@ def main(argv=None) -> int:
             b = json.loads((workdir / "openflamingo_texts.json").read_text())
             same = sum(x.strip() == y.strip() for x, y in zip(a, b))
     report = {
-        "setup": {"lm": "SmolLM2-135M-Instruct", "vision": "EfficientNet-Lite0", "cross_attention_every": 4, "turns": args.turns,
+        "setup": {"lm": "SmolLM2-135M-Instruct", "vision": "EfficientNet-Lite0", "model": args.model or "OpenFlamingo-shaped (cross-attention every 4th layer)", "turns": args.turns,
                   "tokens_per_turn": args.tokens, "threads": torch.get_num_threads() if not args.threads else args.threads,
                   "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
         "ours": ours,

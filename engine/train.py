@@ -101,11 +101,13 @@ def resolve_mixed_precision(setting: str, device_type: str) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model=None, resume: str | bool = True):
+    def __init__(self, cfg: TrainConfig, model=None, resume: str | bool = True, read_only: bool = False):
+        """read_only: restore the checkpoint without touching the run dir (for exporting a run
+        that may still be training)."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
-        self.cfg = cfg
+        self.cfg, self.read_only = cfg, read_only
         run = cfg.run
         cpu = run.device == "cpu" or (run.device == "auto" and not torch.cuda.is_available())
         if run.device == "cuda" and not torch.cuda.is_available():
@@ -135,7 +137,7 @@ class Trainer:
             path = ckpt.latest_checkpoint(self.run_dir) if resume is True else Path(resume)
             if path is not None:
                 self._resume(path)
-        if acc.is_main_process:
+        if acc.is_main_process and not read_only:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
             self._truncate_metrics()
@@ -336,7 +338,8 @@ class Trainer:
         acc.wait_for_everyone()
         return path
 
-    def save_final(self) -> None:
+    def save_final(self, out: Path | None = None) -> None:
+        """Writes the model (config + trainable weights + buffers) to `out` (default run_dir/model)."""
         acc = self.accelerator
         acc.wait_for_everyone()
         if self.sharded:  # gather the full weights (collective), then write the model as usual
@@ -347,18 +350,19 @@ class Trainer:
                 model = FlamingoModel.from_config(self.model.config)
                 apply_freezing(model, self.cfg)
                 model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=False)
-                model.save_pretrained(self.run_dir / "model")
+                model.save_pretrained(out or self.run_dir / "model")
             acc.wait_for_everyone()
             return
         if acc.is_main_process:
             model = acc.unwrap_model(self.loss_module).model  # (FSDP: use a full-state-dict config)
-            out = self.run_dir / "model"
+            out = Path(out or self.run_dir / "model")
             if not self.cfg.optim.freeze_lm:  # the fine-tuned LM goes with the model
                 model.lm.save_pretrained(out / "lm")
                 model.tokenizer.save_pretrained(out / "lm")
                 model.config.lm = str((out / "lm").resolve())
             model.save_pretrained(out)
-            self.plot()
+            if not self.read_only:
+                self.plot()
             log.info("saved the model to %s", out)
         acc.wait_for_everyone()
 
@@ -366,6 +370,19 @@ class Trainer:
         from .train_plot import plot_metrics
 
         return plot_metrics(self.metrics_path, self.run_dir / "loss.png")
+
+
+def export_checkpoint(cfg: TrainConfig, out: str | Path, resume: str | bool = True, model=None) -> int:
+    """Writes the model of the checkpoint a run would resume from (its latest, or `resume`) to
+    `out`, loadable with FlamingoModel.from_pretrained; the run itself may still be training.
+    Returns the checkpoint's step."""
+    if resume is False:
+        raise ValueError("--export needs a checkpoint to export (drop --no-resume)")
+    trainer = Trainer(cfg, model=model, resume=resume, read_only=True)
+    if trainer.step == 0:
+        raise ValueError(f"no checkpoint to export in {cfg.run.dir}")
+    trainer.save_final(Path(out))
+    return trainer.step
 
 
 def train(cfg: TrainConfig, resume: str | bool = True, precompute_only: bool = False) -> dict:

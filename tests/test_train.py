@@ -110,3 +110,29 @@ def test_standardize_features_statistics_come_from_the_training_media(corpus, tm
     again = FlamingoModel(cfg, fresh.lm, fresh.tokenizer, fresh.vision)
     again.load_trainable_state_dict(load_file(out / WEIGHTS_NAME))
     assert torch.equal(again.resampler.feature_mean, mean) and torch.equal(again.resampler.feature_std, std)
+
+
+def test_export_writes_the_latest_checkpoint_without_touching_the_run(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.model import WEIGHTS_NAME
+    from engine.train import export_checkpoint
+
+    run = tmp_path / "run"
+    raw = tiny_train_config(corpus, run, **{"run.max_steps": 3, "run.save_every": 2})
+    _trainer(raw).fit()  # checkpoints at steps 2 and 3
+    metrics = (run / "metrics.jsonl").read_text()
+    raw = tiny_train_config(corpus, run, **{"run.max_steps": 3, "run.save_every": 2})
+    cfg = parse_train_config(raw)
+    out = tmp_path / "exported"
+    model = tiny_model(seed=3)
+    assert export_checkpoint(cfg, out, resume=str(run / "checkpoints" / "step-2"), model=model) == 2
+    params = dict(model.named_parameters())
+    for name, w in load_file(run / "checkpoints" / "step-2" / "trainable.safetensors").items():
+        assert torch.equal(params[name], w), name  # the checkpoint's weights, not the seed-3 ones
+    saved = load_file(out / WEIGHTS_NAME)
+    own = model.trainable_state_dict()
+    assert saved.keys() == own.keys() and all(torch.equal(saved[k], own[k]) for k in own)
+    assert (run / "metrics.jsonl").read_text() == metrics  # the run's log is left alone
+    with pytest.raises(ValueError, match="no checkpoint"):
+        export_checkpoint(parse_train_config(tiny_train_config(corpus, tmp_path / "empty")), out, model=tiny_model())

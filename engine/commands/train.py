@@ -1,4 +1,7 @@
-"""python -m engine train --config FILE.yaml [--resume [CKPT] | --no-resume] [--set key=value ...]
+"""python -m engine train --config FILE.yaml [--resume [CKPT] | --no-resume] [--set key=value ...] [--export DIR]
+
+--export DIR writes the model of the latest checkpoint (or --resume CKPT) to DIR and stops, so a
+run can be evaluated while it is still training.
 
 Works the same under `accelerate launch` and `torchrun` (see engine/train.py)."""
 from __future__ import annotations
@@ -25,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-resume", action="store_true", help="start over even if the run dir has checkpoints")
     p.add_argument("--precompute-only", action="store_true",
                    help="compute the frozen vision features of every media file into the cache, then stop")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="write the model of the latest checkpoint (or --resume CKPT) to DIR, loadable with --model DIR, and stop")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set run.max_steps=10 (the value is read as YAML)")
 
@@ -45,6 +50,12 @@ def run(args) -> int:
 
     cfg = load_train_config(args.config, parse_overrides(args.set))
     resume: str | bool = False if args.no_resume else (True if args.resume == "latest" else args.resume)
+    if args.export:
+        from ..train import export_checkpoint
+
+        step = export_checkpoint(cfg, args.export, resume)
+        print(f"exported step {step} to {args.export}", file=sys.stderr)
+        return 0
     last = train(cfg, resume=resume, precompute_only=args.precompute_only)
     if last:
         print(json.dumps({k: v for k, v in last.items() if k.startswith("loss") or k in ("step", "lr")}), file=sys.stderr)
