@@ -15,3 +15,10 @@ def add_flamingo_tokens(tokenizer, media_token: str = "<image>", eoc_token: str 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer.convert_tokens_to_ids(media_token), tokenizer.convert_tokens_to_ids(eoc_token)
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The BOS the tokenizer itself puts before a plain encode ([] when it adds none, as
+    SmolLM2's does). Training sequences and evaluation prompts both start with exactly this."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []

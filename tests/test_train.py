@@ -91,6 +91,27 @@ def test_bos_follows_the_tokenizer():
     assert forced[0] == tok.bos_token_id and forced[1] == media_id
 
 
+def test_eval_prompts_start_as_training_sequences_do():
+    """A BOS the tokenizer does not add on its own (SmolLM2's is <|im_start|>) must not open
+    evaluation prompts either: the model never saw it before an <image> in training."""
+    from types import SimpleNamespace
+
+    from engine.data.readers import Record
+    from engine.data.sampling import SequenceSampler
+    from engine.eval.scoring import encode_text
+    from engine.testing import tiny_tokenizer
+    from engine.tokens import add_flamingo_tokens
+
+    tok = tiny_tokenizer()
+    media_id, _ = add_flamingo_tokens(tok)
+    tok.bos_token = "<|endoftext|>"  # has a BOS, but a plain encode does not add it
+    assert tok("a")["input_ids"][:1] != [tok.bos_token_id]
+    model = SimpleNamespace(tokenizer=tok)
+    rec = Record(["x"], "<image>a cat<EOC>", "pairs")
+    assert encode_text(model, "<image>a cat<EOC>") == SequenceSampler(tok, media_id, "pairs")(rec).input_ids
+    assert encode_text(model, "<image>")[0] == media_id
+
+
 def test_standardize_features_statistics_come_from_the_training_media(corpus, tmp_path):
     from safetensors.torch import load_file
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..tokens import bos_prefix
 from .readers import Record
 
 IGNORE = -100
@@ -56,8 +57,9 @@ class SequenceSampler:
         self.max_tokens, self.max_images = max_tokens, max_images
         bos = getattr(tokenizer, "bos_token_id", None)
         if add_bos is None:  # auto: as the tokenizer itself does on a plain encode
-            add_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-        self.bos = [bos] if (add_bos and bos is not None) else []
+            self.bos = bos_prefix(tokenizer)
+        else:
+            self.bos = [bos] if (add_bos and bos is not None) else []
         self.rng = random.Random(seed)
 
     def encode(self, text: str) -> list[int]:

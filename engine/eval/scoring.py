@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..cross_attention import MediaContext, media_index_from_ids
 from ..media import load_media, media_kind
+from ..tokens import bos_prefix
 from ..vision import images_to_tensor
 
 BLANK_GREY = 0.5  # the blank image: every pixel mid grey
@@ -32,16 +33,10 @@ def model_device(model) -> torch.device:
     return next(model.resampler.parameters()).device
 
 
-def bos_ids(tokenizer) -> list[int]:
-    """The BOS the trainer puts before every sequence (engine.data.sampling), if the LM has one."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos] if bos is not None else []
-
-
 def encode_text(model, text: str, bos: bool = True) -> list[int]:
     """Prompt text (with <image> / <EOC> markers) -> ids, as training tokenises it."""
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return (bos_ids(model.tokenizer) if bos else []) + list(ids)
+    return (bos_prefix(model.tokenizer) if bos else []) + list(ids)
 
 
 def decode_text(model, ids: Sequence[int]) -> str:
