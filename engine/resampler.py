@@ -92,6 +92,10 @@ class PerceiverResampler(nn.Module):
         self.feature_mean.copy_(x.mean(0))
         self.feature_std.copy_(x.std(0) + eps)
 
+    def has_feature_stats(self) -> bool:
+        """Whether the standardisation statistics were set (not the zero/one placeholders)."""
+        return self.config.standardize_features and bool((self.feature_mean != 0).any() or (self.feature_std != 1).any())
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 5:
             raise ValueError(f"resampler expects features (B, M, T, S, d), got shape {tuple(features.shape)}")

@@ -189,9 +189,10 @@ class Trainer:
 
     def _init_feature_stats(self, max_media: int = 512) -> None:
         """For resampler.standardize_features: per-channel statistics of the frozen features of
-        the first media of each dataset. Deterministic, so a resumed run recomputes the same."""
+        the first media of each dataset. Deterministic, so a resumed run recomputes the same;
+        a model that already has them (init_from a saved model) keeps its own."""
         resampler = self.model.resampler
-        if not resampler.config.standardize_features:
+        if not resampler.config.standardize_features or resampler.has_feature_stats():
             return
         feeds = [f for f in self.feeds if f.weight > 0]
         per_feed = max(1, max_media // len(feeds))

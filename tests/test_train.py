@@ -131,6 +131,10 @@ def test_standardize_features_statistics_come_from_the_training_media(corpus, tm
     again = FlamingoModel(cfg, fresh.lm, fresh.tokenizer, fresh.vision)
     again.load_trainable_state_dict(load_file(out / WEIGHTS_NAME))
     assert torch.equal(again.resampler.feature_mean, mean) and torch.equal(again.resampler.feature_std, std)
+    with torch.no_grad():
+        again.resampler.feature_mean.fill_(0.5)  # a model that has statistics keeps them
+    Trainer(parse_train_config(tiny_train_config(corpus, tmp_path / "run2")), model=again)
+    assert torch.all(again.resampler.feature_mean == 0.5)
 
 
 def test_export_writes_the_latest_checkpoint_without_touching_the_run(corpus, tmp_path):
