@@ -197,6 +197,7 @@ class Trainer:
         feeds = [f for f in self.feeds if f.weight > 0]
         per_feed = max(1, max_media // len(feeds))
         device = self.accelerator.device
+        vision = self.model.vision.to(device) if any(f.cache is None for f in feeds) else None
         chunks = []
         for f in feeds:
             paths = list(itertools.islice(dict.fromkeys(f.media_paths()), per_feed))
@@ -205,7 +206,7 @@ class Trainer:
                     continue
                 if f.cache is None:  # pixels (T, 3, H, W) -> features (T, S, d)
                     with torch.no_grad():
-                        x = self.model.vision.to(device)(x[None].to(device))[0]
+                        x = vision(x[None].to(device))[0]
                 chunks.append(x.reshape(-1, x.shape[-1]).float().cpu())
         if not chunks:
             raise ValueError("standardize_features: no readable media in the training data")

@@ -91,14 +91,19 @@ def test_masking_through_the_whole_model():
     assert not torch.allclose(out0[seg0], base[seg0]) and not torch.allclose(out1[seg1], base[seg1])
 
 
-def test_text_only_tokens_skip_dense_when_configured():
-    model = tiny_model(gates=1.0, dense_on_text_only=False)
+def _ours_and_bare(model):
+    """Logits of the model on text with images, of the bare LM on the same tokens (cut to the LM's
+    vocabulary), and the token segments (before the first image, first image's, second's)."""
     ids, pixels = _inputs(model)
-    before, _, _ = _segments(model, ids)
     with torch.no_grad():
         ours = model(ids, model.encode_media(pixels)).logits[0]
         bare = tiny_lm("llama", seed=0)(inputs_embeds=model.embed(ids)).logits[0]
-    assert torch.allclose(ours[before][:, : bare.shape[-1]], bare[before], atol=1e-5)
+    return ours[:, : bare.shape[-1]], bare, _segments(model, ids)
+
+
+def test_text_only_tokens_skip_dense_when_configured():
+    ours, bare, (before, _, _) = _ours_and_bare(tiny_model(gates=1.0, dense_on_text_only=False))
+    assert torch.allclose(ours[before], bare[before], atol=1e-5)
 
 
 def test_p_next_moves_spans_to_the_next_media():
@@ -287,10 +292,6 @@ def test_blocks_without_the_dense_layer():
     model = tiny_model(gates=1.0, ff_mult=0)
     block = next(iter(model.gated_blocks.values()))
     assert block.ff is None and block.ff_gate is None
-    ids, pixels = _inputs(model)
-    before, seg0, _ = _segments(model, ids)
-    with torch.no_grad():
-        ours = model(ids, model.encode_media(pixels)).logits[0]
-        bare = tiny_lm("llama", seed=0)(inputs_embeds=model.embed(ids)).logits[0]
-    assert torch.allclose(ours[before][:, : bare.shape[-1]], bare[before], atol=1e-5)
-    assert not torch.allclose(ours[seg0][:, : bare.shape[-1]], bare[seg0], atol=1e-3)
+    ours, bare, (before, seg0, _) = _ours_and_bare(model)
+    assert torch.allclose(ours[before], bare[before], atol=1e-5)
+    assert not torch.allclose(ours[seg0], bare[seg0], atol=1e-3)

@@ -55,10 +55,10 @@ class SequenceSampler:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
         self.tokenizer, self.media_token_id, self.kind = tokenizer, media_token_id, kind
         self.max_tokens, self.max_images = max_tokens, max_images
-        bos = getattr(tokenizer, "bos_token_id", None)
         if add_bos is None:  # auto: as the tokenizer itself does on a plain encode
             self.bos = bos_prefix(tokenizer)
         else:
+            bos = getattr(tokenizer, "bos_token_id", None)
             self.bos = [bos] if (add_bos and bos is not None) else []
         self.rng = random.Random(seed)
 
