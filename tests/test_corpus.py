@@ -218,7 +218,11 @@ def test_train_files_exclude_heldout_concepts(built):
     for r in _read(out / "classify.test.jsonl") + _read(out / "captions.test.jsonl"):
         assert r["concept_id"] in held
     train_labels = {c["label"] for c in manifest["train_concepts"]}
-    assert {r["label"] for r in _read(out / "recognize.test.jsonl")} <= train_labels
+    recognize = _read(out / "recognize.test.jsonl")
+    assert {r["label"] for r in recognize} <= train_labels
+    for r in recognize:  # captions of seen concepts: each reference names the concept
+        assert len(r["captions"]) == 5 and all(r["label"] in c for c in r["captions"])
+        assert any(r["background"] in c for c in r["captions"])
 
 
 def test_interleaved_documents_teach_from_context(built):

@@ -124,7 +124,8 @@ def write_tiny_corpus(root):
 
     labels = ["giraffe", "zebra", "kangaroo", "panda"]
     _write(root / "classify.test.jsonl", [{"media": [img(COLOURS[i])], "label": lab} for i, lab in enumerate(labels) for _ in range(3)])
-    _write(root / "recognize.test.jsonl", [{"media": [img(COLOURS[i])], "label": lab} for i, lab in enumerate(["cat", "dog", "apple"]) for _ in range(2)])
+    _write(root / "recognize.test.jsonl", [{"media": [img(COLOURS[i])], "label": lab, "captions": [f"A drawing of a {lab}.", f"A picture of a {lab}."]}
+                                           for i, lab in enumerate(["cat", "dog", "apple"]) for _ in range(2)])
     _write(root / "captions.test.jsonl", [
         {"media": [img(COLOURS[i])], "captions": [f"A drawing of a {lab}.", f"A picture of a {lab}.", f"A {lab} on a white background."]}
         for i, lab in enumerate(["cat", "dog", "tree", "car"])])
@@ -203,6 +204,18 @@ def test_cli_writes_contract_json_and_png(corpus, tmp_path, task, extra, shots, 
         zero = next(r for r in rows if r["shots"] == 0)
         assert zero["seeds"] and len(zero["seeds"]) == 1  # nothing random at 0 shots: one run
         assert data["samples"] and "prediction" in data["samples"][0]
+
+
+def test_cli_caption_on_a_jsonl_split(corpus, tmp_path):
+    """`make eval-default` also captions new renders of training concepts (recognize.test.jsonl
+    carries reference captions)."""
+    out = tmp_path / "caption_seen.json"
+    rc = _run_cli(["--model", "tiny", "--task", "caption", "--shots", "0,1", "--data", str(corpus / "recognize.test.jsonl"),
+                   "--seeds", "1", "--limit", "3", "--max-new-tokens", "4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    data = _check_report(out, "caption", [0, 1], ["CIDEr", "BLEU-4"])
+    assert all(r["n"] == 3 for r in data["results"])
+    assert {s["references"][0] for s in data["samples"]} <= {f"A drawing of a {lab}." for lab in ("cat", "dog", "apple")}
 
 
 def test_cli_rices_selection(corpus, tmp_path):

@@ -15,7 +15,7 @@ classify   classify.test.jsonl        renders of held-out concepts, with their l
 captions   captions.test.jsonl        held-out renders with reference captions
 vqa_test   vqa.test.jsonl             new scenes; qtype count / colour / position
 video_qa   video_qa.test.jsonl        new videos; which way does it move?
-recognize  recognize.test.jsonl       new renders of training concepts
+recognize  recognize.test.jsonl       new renders of training concepts (with reference captions)
 ========== ========================== =====================================================
 """
 
@@ -393,10 +393,13 @@ def make_recognize(ctx: Context, i: int) -> dict:
     rng = rng_for(ctx.seed, "recognize-unseen", i)
     cid = balanced(ctx, "recognize", i, ctx.train_ids)
     cut, _ = cutout(ctx, rng, cid)
-    img, _, _ = R.render_object(rng, cut)
+    img, colour, _ = R.render_object(rng, cut)
     m = Media(ctx, "recognize", i)
     m.image(img)
-    return {"media": m.paths, "label": ctx.labels[cid], "concept_id": cid}
+    # reference captions too, so captioning can also be scored on concepts the model was
+    # trained on (captions.test holds held-out concepts only, whose names it never saw)
+    return {"media": m.paths, "label": ctx.labels[cid], "concept_id": cid,
+            "captions": T.reference_captions(ctx.labels[cid], colour), "background": colour}
 
 
 MAKERS = {
