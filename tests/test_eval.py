@@ -216,6 +216,18 @@ def test_cli_caption_on_a_jsonl_split(corpus, tmp_path):
     data = _check_report(out, "caption", [0, 1], ["CIDEr", "BLEU-4"])
     assert all(r["n"] == 3 for r in data["results"])
     assert {s["references"][0] for s in data["samples"]} <= {f"A drawing of a {lab}." for lab in ("cat", "dog", "apple")}
+    cider = {r["shots"]: r for r in data["results"] if r["metric"] == "CIDEr"}
+    assert cider[0]["support_copy_rate"] == 0.0  # no support examples at 0 shots: nothing to copy
+    assert 0.0 <= cider[1]["named_rate"] + cider[1]["support_copy_rate"] <= 1.0
+
+
+def test_naming_outcome_tells_the_query_name_from_a_copied_support_name():
+    from engine.eval.tasks import naming_outcome
+
+    assert naming_outcome("A drawing of a cat on red.", "cat", ["dog", "apple"]) == {"named_rate": 1.0, "support_copy_rate": 0.0}
+    assert naming_outcome("A drawing of a dog.", "cat", ["dog", "apple"]) == {"named_rate": 0.0, "support_copy_rate": 1.0}
+    assert naming_outcome("A drawing of a hotdog.", "cat", ["dog"]) == {"named_rate": 0.0, "support_copy_rate": 0.0}  # whole words
+    assert naming_outcome("A picture of a Cat.", "cat", [None]) == {"named_rate": 1.0, "support_copy_rate": 0.0}
 
 
 def test_cli_rices_selection(corpus, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -120,6 +121,19 @@ def clean_answer(text: str) -> str:
 
 def clean_caption(text: str) -> str:
     return text.split("\n")[0].replace(MEDIA, "").strip()
+
+
+def _names(text: str, label: str | None) -> bool:
+    return bool(label) and re.search(rf"\b{re.escape(label.lower())}\b", text.lower()) is not None
+
+
+def naming_outcome(prediction: str, label: str, support_labels: Sequence[str | None]) -> dict[str, float]:
+    """For items with a concept label: does the caption name the query's concept
+    (`named_rate`), or instead a concept only a support example showed (`support_copy_rate`:
+    a model that learned "the answer is a name from the context" copies it)?"""
+    named = _names(prediction, label)
+    copied = not named and any(_names(prediction, s) for s in support_labels if s and s != label)
+    return {"named_rate": float(named), "support_copy_rate": float(copied)}
 
 
 # ----- the shared machinery -------------------------------------------------------------------------
@@ -255,8 +269,9 @@ def eval_caption(model, items: list[dict], settings: EvalSettings, bank: MediaBa
     for k in settings.shots:
         scores: dict[str, list[float]] = {"CIDEr": [], "BLEU-4": []}
         blind: dict[str, list[float]] = {"CIDEr": [], "BLEU-4": []}
+        naming: list[dict] = []
         for seed in r.seeds_for(k):
-            refs, preds, blind_preds = [], [], []
+            refs, preds, blind_preds, names = [], [], [], []
             for qi in queries:
                 sup = r.support([qi], k, seed)
                 chunks = [(items[j]["media"], caption_example(random.Random(f"cap:{seed}:{j}").choice(items[j]["captions"])))
@@ -267,6 +282,8 @@ def eval_caption(model, items: list[dict], settings: EvalSettings, bank: MediaBa
                 refs.append(items[qi]["captions"])
                 preds.append(pred)
                 blind_preds.append(bpred)
+                if "label" in items[qi]:
+                    names.append(naming_outcome(pred, items[qi]["label"], [items[j].get("label") for j in sup]))
                 if seed == r.seeds_for(k)[0] and len(samples) < NUM_SAMPLES * (settings.shots.index(k) + 1):
                     samples.append({"shots": k, "media": items[qi]["media"], "prediction": pred, "blind_prediction": bpred,
                                     "references": items[qi]["captions"]})
@@ -275,8 +292,11 @@ def eval_caption(model, items: list[dict], settings: EvalSettings, bank: MediaBa
             for name in scores:
                 scores[name].append(s[name])
                 blind[name].append(b[name])
+            if names:
+                naming.append({key: M.mean([n[key] for n in names]) for key in names[0]})
         for name in scores:
-            results.append(_row(k, name, scores[name], len(queries), blind[name]))
+            extra = _mean_over_seeds(naming) if naming and name == "CIDEr" else {}
+            results.append(_row(k, name, scores[name], len(queries), blind[name], **extra))
     bar.close()
     return {"results": results, "samples": samples, "info": {"queries": len(queries), "pool": len(items)}}
 
