@@ -27,16 +27,60 @@ class MediaContext:
                  (the last <image> at or before it); -1 before the first media
     kv:          keys/values of `visual` per gated block, filled on first use so a decoding
                  loop projects the media once per turn, not once per token
+
+    What every gated block would otherwise work out again for each token (which media each row
+    attends to, its keys/values, whether any token sees none) is derived once per context in
+    `routing` and `row_kv`: a decoding turn reuses one context for all its tokens.
     """
 
     visual: torch.Tensor
     media_index: torch.Tensor
     only_last: bool = True
     kv: dict[int, KV] = field(default_factory=dict)
+    _routing: "Routing | None" = field(default=None, repr=False)
+    _row_kv: dict[int, KV] = field(default_factory=dict, repr=False)
 
     def with_index(self, media_index: torch.Tensor) -> "MediaContext":
         """The same media (and cached keys/values) for the next chunk of tokens."""
         return MediaContext(self.visual, media_index, self.only_last, self.kv)
+
+    @property
+    def num_latents(self) -> int:
+        return self.visual.shape[-2]
+
+    def routing(self) -> "Routing":
+        if self._routing is None:
+            self._routing = Routing.of(self.media_index, self.only_last)
+        return self._routing
+
+    def row_kv(self, block_id: int) -> KV:
+        """Keys/values (B, heads, R, dh) of the one media each row attends to (routing().row_media)."""
+        if block_id not in self._row_kv:
+            idx = self.routing().row_media
+            k, v = self.kv[block_id]
+            self._row_kv[block_id] = _gather_media(k, idx.to(k.device), self.num_latents), _gather_media(v, idx.to(v.device), self.num_latents)
+        return self._row_kv[block_id]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which media the tokens of a chunk attend to.
+
+    seen:      (B, L) the token has media before it
+    all_seen:  every token has (nothing to zero out)
+    row_media: (B,) when in only-last mode every token of a row sees the same media: its index
+               (decoding, and most prompt chunks); None otherwise
+    """
+
+    seen: torch.Tensor
+    all_seen: bool
+    row_media: torch.Tensor | None
+
+    @classmethod
+    def of(cls, media_index: torch.Tensor, only_last: bool) -> "Routing":
+        seen = media_index >= 0
+        one = only_last and bool((media_index == media_index[:, :1]).all())
+        return cls(seen, bool(seen.all()), media_index[:, 0].clamp(min=0) if one else None)
 
 
 class MaskedCrossAttention(nn.Module):
@@ -55,35 +99,29 @@ class MaskedCrossAttention(nn.Module):
         k, v = self.to_kv(visual.reshape(b, n * r, d)).chunk(2, dim=-1)
         return split_heads(k, self.heads), split_heads(v, self.heads)
 
-    def forward(self, x: torch.Tensor, kv: KV, media_index: torch.Tensor, num_latents: int, only_last: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, media: MediaContext, block_id: int) -> torch.Tensor:
         """
-        x:           (B, L, dim) text hidden states
-        kv:          keys, values (B, heads, N*R, dh) from `project_media`
-        media_index: (B, L) media each token sees; -1 = none
-        returns      (B, L, dim), exactly zero for tokens that see no media
+        x:      (B, L, dim) text hidden states
+        media:  its kv[block_id] (B, heads, N*R, dh) from `project_media`, and the routing
+        returns (B, L, dim), exactly zero for tokens that see no media
         """
         q = split_heads(self.to_q(self.norm(x)), self.heads)  # (B, h, L, dh)
-        k, v = kv
-        n = k.shape[-2] // num_latents
-        seen = media_index >= 0  # (B, L)
-        if only_last and _one_media_per_row(media_index):
-            # Decoding and most prompt chunks: every token of a row sees the same media, so
-            # attend to its R tokens only; cost stays flat in the number of media.
-            idx = media_index[:, 0].clamp(min=0)
-            k, v = _gather_media(k, idx, num_latents), _gather_media(v, idx, num_latents)
+        route = media.routing()
+        if route.row_media is not None:
+            # every token of a row sees the same media: attend to its R tokens only, so the
+            # cost stays flat in the number of media
+            k, v = media.row_kv(block_id)
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            key_media = torch.arange(n, device=x.device).repeat_interleave(num_latents)  # (N*R,)
-            token_media = media_index[:, :, None]
-            allowed = (key_media == token_media) if only_last else (key_media <= token_media)
-            allowed = allowed | ~seen[:, :, None]  # keep softmax finite; zeroed below
+            k, v = media.kv[block_id]
+            r = media.num_latents
+            key_media = torch.arange(k.shape[-2] // r, device=x.device).repeat_interleave(r)  # (N*R,)
+            token_media = media.media_index.to(x.device)[:, :, None]
+            allowed = (key_media == token_media) if media.only_last else (key_media <= token_media)
+            allowed = allowed | ~route.seen.to(x.device)[:, :, None]  # keep softmax finite; zeroed below
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
         out = self.to_out(merge_heads(out))
-        return out * seen[..., None].to(out.dtype)
-
-
-def _one_media_per_row(media_index: torch.Tensor) -> bool:
-    return bool((media_index == media_index[:, :1]).all())
+        return out if route.all_seen else out * route.seen.to(out.device)[..., None].to(out.dtype)
 
 
 def _gather_media(t: torch.Tensor, idx: torch.Tensor, r: int) -> torch.Tensor:
@@ -106,22 +144,24 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(1)) if self.ff is not None else None
 
     def project_into(self, media: MediaContext, block_id: int, like: torch.Tensor) -> None:
-        """Fills media.kv[block_id] once per context, on `like`'s device and dtype (moving is a
-        no-op unless the LM is sharded over devices by accelerate's device_map)."""
+        """Fills media.kv[block_id] (and the per-row selection from it) once per context, on
+        `like`'s device and dtype (moving is a no-op unless the LM is sharded over devices by
+        accelerate's device_map)."""
         if block_id not in media.kv:
             media.kv[block_id] = self.attn.project_media(media.visual.to(device=like.device, dtype=like.dtype))
+        if media.routing().row_media is not None:
+            media.row_kv(block_id)
 
     def forward(self, x: torch.Tensor, media: MediaContext, block_id: int) -> torch.Tensor:
         """x: (B, L, dim) -> (B, L, dim)"""
         self.project_into(media, block_id, x)
-        r = media.visual.shape[-2]
-        media_index = media.media_index.to(x.device)
-        x = x + self.attn_gate.tanh() * self.attn(x, media.kv[block_id], media_index, r, media.only_last)
+        x = x + self.attn_gate.tanh() * self.attn(x, media, block_id)
         if self.ff is None:
             return x
         ff = self.ff(x)
-        if not self.config.dense_on_text_only:
-            ff = ff * (media_index >= 0)[..., None].to(ff.dtype)
+        route = media.routing()
+        if not self.config.dense_on_text_only and not route.all_seen:
+            ff = ff * route.seen.to(ff.device)[..., None].to(ff.dtype)
         return x + self.ff_gate.tanh() * ff
 
 

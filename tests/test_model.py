@@ -51,7 +51,7 @@ def _block_runner(only_last: bool):
     ids, _ = _inputs(model)
     x = torch.randn(1, ids.shape[1], 64)
     idx = media_index_from_ids(ids, model.media_token_id)
-    run = lambda v: block.attn(x, block.attn.project_media(v), idx, 4, only_last)
+    run = lambda v: block.attn(x, MediaContext(v, idx, only_last, {0: block.attn.project_media(v)}), 0)
     return run, _segments(model, ids), torch.randn(1, 2, 4, model.resampler.dim)
 
 
@@ -295,3 +295,26 @@ def test_blocks_without_the_dense_layer():
     ours, bare, (before, seg0, _) = _ours_and_bare(model)
     assert torch.allclose(ours[before], bare[before], atol=1e-5)
     assert not torch.allclose(ours[seg0], bare[seg0], atol=1e-3)
+
+
+def test_decoding_routes_once_per_context_and_matches_the_masked_path():
+    """A decoding turn reuses one MediaContext: which media each row sees and that media's
+    keys/values are derived once, and attending to them alone equals the masked attention
+    over every media."""
+    from engine.cross_attention import Routing
+
+    torch.manual_seed(0)
+    model = tiny_model(gates=1.0)
+    visual = torch.randn(2, 3, 4, model.resampler.dim)
+    step = MediaContext(visual, torch.tensor([[2], [0]]))  # row 0 sees its 3rd media, row 1 its 1st
+    x = torch.randn(2, 1, 64)
+    with torch.no_grad():
+        outs = [{bid: block(x, step, bid) for bid, block in model.gated_blocks.items()} for _ in range(2)]
+        route = step.routing()
+        assert step.routing() is route and route.all_seen and route.row_media.tolist() == [2, 0]
+        assert set(step._row_kv) == set(model.gated_blocks)
+        masked = MediaContext(visual, step.media_index, kv=dict(step.kv))
+        masked._routing = Routing(route.seen, False, None)  # force the general, masked path
+        for bid, block in model.gated_blocks.items():
+            assert torch.equal(outs[0][bid], outs[1][bid])
+            torch.testing.assert_close(block(x, masked, bid), outs[0][bid], rtol=1e-5, atol=1e-6)
