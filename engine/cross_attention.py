@@ -56,9 +56,9 @@ class MediaContext:
     def row_kv(self, block_id: int) -> KV:
         """Keys/values (B, heads, R, dh) of the one media each row attends to (routing().row_media)."""
         if block_id not in self._row_kv:
-            idx = self.routing().row_media
             k, v = self.kv[block_id]
-            self._row_kv[block_id] = _gather_media(k, idx.to(k.device), self.num_latents), _gather_media(v, idx.to(v.device), self.num_latents)
+            idx = self.routing().row_media.to(k.device)
+            self._row_kv[block_id] = _gather_media(k, idx, self.num_latents), _gather_media(v, idx, self.num_latents)
         return self._row_kv[block_id]
 
 
