@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .data.features import load_pixels
 from .data.readers import EOC_TOKEN, MEDIA_TOKEN, RecordStream, open_source
 from .media import MediaError
-from .train import build_optimizer, warmup_constant
+from .train import build_optimizer, build_scheduler
 from .train_config import TrainConfig, dataset_path
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class ContrastiveTrainer:
         self.feeds = [PairFeed(dataclasses.replace(ds, path=str(dataset_path(cfg, ds))), tokenizer, tower.image_size,
                                cfg.contrastive.max_tokens, cfg.data.seed, acc.process_index, acc.num_processes) for ds in pairs]
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.optim.warmup_steps))
+        self.scheduler = build_scheduler(self.optimizer, cfg)
         self.module, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.run_dir = Path(run.dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"

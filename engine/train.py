@@ -64,8 +64,23 @@ def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=bool(optim.fused))
 
 
-def warmup_constant(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_schedule(warmup_steps: int, max_steps: int = 0, decay_steps: int = 0):
+    """The learning-rate factor for (0-based) step s: linear warm-up over warmup_steps, then 1,
+    then (decay_steps > 0) a linear decay over the last decay_steps before max_steps, reaching
+    1 / decay_steps on the final step. A pure function of s, so a resumed run continues it."""
+    def factor(step: int) -> float:
+        f = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if decay_steps > 0:
+            f *= min(1.0, max(0.0, (max_steps - step) / decay_steps))
+        return f
+
+    return factor
+
+
+def build_scheduler(optimizer, cfg: TrainConfig):
+    # Not prepared by accelerate: it would step the scheduler once per process.
+    o = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(o.warmup_steps, cfg.run.max_steps, o.decay_steps))
 
 
 def build_model(cfg: TrainConfig):
@@ -127,9 +142,8 @@ class Trainer:
         self._init_feature_stats()
         self.weights = [f.weight for f in self.feeds]
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.optim.warmup_steps))
+        self.scheduler = build_scheduler(self.optimizer, cfg)
         p_next = self.model.config.cross_attention.p_next
-        # The scheduler stays unprepared: accelerate would step it once per process.
         self.loss_module, self.optimizer = acc.prepare(FlamingoLoss(self.model, p_next), self.optimizer)
         self.step = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -227,6 +241,11 @@ class Trainer:
             state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.loss_module).model, self.optimizer,
                                          self.scheduler, self.rank)
         self.step = int(state["step"])
+        # The rates the next step uses follow this config's schedule (a resumed run may add a
+        # decay phase), not the ones saved with the optimiser.
+        sched = self.scheduler
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
         data = state["data"]
         for f in self.feeds:
             if f.name in data:

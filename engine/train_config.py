@@ -71,6 +71,10 @@ class DataConfig:
 class OptimConfig:
     lr: float = 1e-4
     warmup_steps: int = 100
+    # The paper's schedule is warm-up then constant. decay_steps > 0 anneals the rate linearly to
+    # 0 over the run's last decay_steps (ending at run.max_steps): warm-up, stable, decay. A run
+    # resumed with a larger max_steps and a decay phase turns a constant-rate run into one.
+    decay_steps: int = 0
     weight_decay: float = 0.1
     # The tanh gates start at 0 and Adam moves a parameter by about `lr` a step, so at lr 1e-4
     # a gate needs thousands of steps to open (the paper trains 500k). A short run gives the
@@ -263,6 +267,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     _choice(o.strategy, STRATEGIES, f"{where}: optim.strategy")
     if o.lr <= 0 or o.warmup_steps < 0 or o.weight_decay < 0 or o.max_grad_norm < 0:
         raise ValueError(f"{where}: optim: lr must be > 0; warmup_steps, weight_decay and max_grad_norm >= 0")
+    if not 0 <= o.decay_steps <= cfg.run.max_steps:
+        raise ValueError(f"{where}: optim.decay_steps must be in [0, run.max_steps={cfg.run.max_steps}], got {o.decay_steps}")
     r = cfg.run
     _choice(r.mixed_precision, ("auto", "no", "bf16", "fp16"), f"{where}: run.mixed_precision")
     _choice(r.device, ("auto", "cpu", "cuda"), f"{where}: run.device")

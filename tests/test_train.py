@@ -48,6 +48,19 @@ def test_end_to_end_checkpoints_and_exact_resume(corpus, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_resumed_run_can_add_a_decay_phase(corpus, tmp_path):
+    """A constant-rate run resumed with a larger max_steps and decay_steps anneals to 0 from
+    the checkpoint on: the first resumed step already uses the decayed rate."""
+    run = tmp_path / "run"
+    _trainer(tiny_train_config(corpus, run, **{"run.max_steps": 4, "optim.warmup_steps": 0})).fit()
+    t = _trainer(tiny_train_config(corpus, run, **{"run.max_steps": 8, "optim.warmup_steps": 0, "optim.decay_steps": 4}))
+    assert t.step == 4
+    t.fit()
+    logged = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lr = t.cfg.optim.lr
+    assert [m["lr"] for m in logged] == pytest.approx([lr] * 4 + [lr, 0.75 * lr, 0.5 * lr, 0.25 * lr])
+
+
 def test_lazy_feature_cache_stores_only_what_batches_used(tmp_path):
     corpus = write_corpus(tmp_path / "c")
     raw = tiny_train_config(corpus, tmp_path / "run", **{"run.max_steps": 1, "data.precompute_features": False})

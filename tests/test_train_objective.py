@@ -145,6 +145,7 @@ def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
     ({"data": {"datasets": []}}, "data.datasets is empty"),
     ({"optim": {"freeze_vision": False}}, "feature_cache needs a frozen vision tower"),
     ({"surprise": 1}, "unknown key surprise"),
+    ({"optim": {"decay_steps": 10**6}}, r"optim.decay_steps must be in \[0, run.max_steps"),
 ])
 def test_config_validation_names_the_bad_key(corpus, tmp_path, patch, message):
     raw = tiny_train_config(corpus, tmp_path)
@@ -194,3 +195,14 @@ def test_image_contrast_penalises_image_blind_use():
     assert with_contrast > plain
     with_contrast.backward()
     assert model.resampler.latents.grad is not None
+
+
+def test_lr_schedule_warms_up_holds_then_decays_to_zero():
+    from engine.train import lr_schedule
+
+    f = lr_schedule(warmup_steps=4, max_steps=20, decay_steps=8)
+    got = [f(s) for s in range(20)]
+    assert got[:4] == [0.25, 0.5, 0.75, 1.0] and got[4:12] == [1.0] * 8
+    assert got[12:] == [(20 - s) / 8 for s in range(12, 20)] and got[-1] == 1 / 8
+    assert all(a > b for a, b in zip(got[12:], got[13:]))  # strictly falling through the decay
+    assert lr_schedule(4)(1000) == 1.0  # no decay: the paper's warm-up then constant

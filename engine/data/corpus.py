@@ -201,6 +201,7 @@ def _tally(stats: Counter, r: dict) -> None:
     """What the manifest reports about the mix of records."""
     if "doc" in r:
         stats[f"doc:{r['doc']}"] += 1
+        stats["new_last"] += bool(r.get("new_last"))
         if r["doc"] == "naming":
             stats["names"] += len(r["nonce"])
             stats["nonce_names"] += sum(r["nonce"])

@@ -47,6 +47,11 @@ FILES = {
 TRAIN_KINDS = ("pairs", "interleaved", "videos", "vqa")
 TEST_KINDS = ("classify", "captions", "vqa_test", "video_qa", "recognize")
 NONCE_DOC_FRACTION = 0.6  # naming documents whose names are all made up (plus mixed ones)
+# Documents (with real names) whose last picture shows a concept the document has not shown. If
+# the last picture always repeated an earlier concept, copying a name from the context would
+# always be right in training, and a model so trained names a support example's concept
+# instead of the pictured one (70% of 4-shot captions did, before these documents existed).
+NEW_LAST_FRACTION = 0.35
 VIDEO_FPS = 8.0
 
 
@@ -250,29 +255,39 @@ def make_pairs(ctx: Context, i: int) -> dict:
             "background": colour}
 
 
-def _doc_sequence(rng: random.Random, n: int) -> list[int]:
-    """Concept slots for a document of n images: the last repeats an earlier one."""
+def _doc_plan(rng: random.Random) -> tuple[str, int, float, bool]:
+    """An interleaved document's style, number of images, naming mode (below NONCE_DOC_FRACTION:
+    made-up names; then mixed; from NONCE_DOC_FRACTION + 0.1: real names) and whether its last
+    picture shows a new concept (only with real names: a made-up one could not be known)."""
+    style = rng.choices(["naming", "captions", "vqa"], [0.6, 0.2, 0.2])[0]
+    n = rng.choices([2, 3, 4, 5], [1, 3, 3, 3])[0] if style == "naming" else rng.randint(2, 4)
+    mode = rng.random()
+    real_names = style != "naming" or mode >= NONCE_DOC_FRACTION + 0.1
+    return style, n, mode, real_names and rng.random() < NEW_LAST_FRACTION
+
+
+def _doc_sequence(rng: random.Random, n: int, new_last: bool = False) -> list[int]:
+    """Concept slots for a document of n images: the last repeats an earlier one (the answer is
+    in the context), or with new_last is one the document has not shown (the model must look)."""
     k = 1 if n == 2 else rng.randint(2, min(3, n - 1))
     first = list(range(k)) + [rng.randrange(k) for _ in range(n - 1 - k)]
     rng.shuffle(first)
-    return first + [rng.choice(first)]
+    return first + [k if new_last else rng.choice(first)]
 
 
 def make_interleaved(ctx: Context, i: int) -> dict:
     rng = rng_for(ctx.seed, "interleaved", i)
-    style = rng.choices(["naming", "captions", "vqa"], [0.6, 0.2, 0.2])[0]
+    style, n, mode, new_last = _doc_plan(rng)
     m = Media(ctx, "interleaved", i)
-    n = rng.choices([2, 3, 4, 5], [1, 3, 3, 3])[0] if style == "naming" else rng.randint(2, 4)
-    slots = _doc_sequence(rng, n)
+    slots = _doc_sequence(rng, n, new_last)
     first = balanced(ctx, "interleaved", i, ctx.train_ids)
     cids = [first]
     while len(cids) < max(slots) + 1:
         cids.append(other(rng, ctx.train_ids, *cids))
     seq = [cids[s] for s in slots]
-    out: dict = {"doc": style, "concepts": seq}
+    out: dict = {"doc": style, "concepts": seq, "new_last": new_last}
     chunks = []
     if style == "naming":
-        mode = rng.random()
         made_up = nonce_words(rng, len(cids), avoid=set(ctx.labels.values()))
         if mode < NONCE_DOC_FRACTION:
             names = made_up
