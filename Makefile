@@ -45,11 +45,13 @@ data: DEBIAN_PKGS := openclipart-png fonts-noto-color-emoji
 data: $(APP_OK) debian-deps
 	test -f $(CORPUS)/manifest.json || $(PY) -m engine build-data --out $(CORPUS) --size full --seed 0
 
-# The built-in model: corpus -> training subsets + chat records -> train (resumes) -> fp16 export
-# -> evaluation into assets/model/eval (the model card's numbers).
+# The built-in model: corpus -> training subsets + chat records -> stage 1 (constant rate, the
+# subsets) -> stage 2 (the same run, full files, decaying rate) -> fp16 export -> evaluation into
+# assets/model/eval (the model card's numbers). Both stages resume from the run's checkpoints.
 default-model: data
 	$(PY) -m engine.data.prepare --corpus $(CORPUS)
 	$(PY) -m engine train --config configs/default_model.yaml
+	$(PY) -m engine train --config configs/default_model_anneal.yaml
 	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model/model').save_pretrained('assets/model', dtype=torch.float16)"
 	$(MAKE) eval-default
 
