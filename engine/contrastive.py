@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .data.features import load_pixels
 from .data.readers import EOC_TOKEN, MEDIA_TOKEN, RecordStream, open_source
 from .media import MediaError
-from .train import build_optimizer, build_scheduler
+from .train import apply_schedule, build_optimizer, build_scheduler
 from .train_config import TrainConfig, dataset_path
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class ContrastiveTrainer:
             if path is not None:
                 state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, acc.process_index)
                 self.step = int(state["step"])
+                apply_schedule(self.optimizer, self.scheduler)
                 for f in self.feeds:
                     if f.name in state["data"]:
                         f.load_state_dict(state["data"][f.name])

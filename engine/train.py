@@ -83,6 +83,13 @@ def build_scheduler(optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(o.warmup_steps, cfg.run.max_steps, o.decay_steps))
 
 
+def apply_schedule(optimizer, scheduler) -> None:
+    """After restoring a checkpoint: the rates the next step uses follow this config's schedule
+    (a resumed run may add a decay phase), not the ones saved with the optimiser."""
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
 def build_model(cfg: TrainConfig):
     from .model import FlamingoModel
 
@@ -241,11 +248,7 @@ class Trainer:
             state = ckpt.load_checkpoint(path, self.accelerator.unwrap_model(self.loss_module).model, self.optimizer,
                                          self.scheduler, self.rank)
         self.step = int(state["step"])
-        # The rates the next step uses follow this config's schedule (a resumed run may add a
-        # decay phase), not the ones saved with the optimiser.
-        sched = self.scheduler
-        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * factor(sched.last_epoch)
+        apply_schedule(self.optimizer, self.scheduler)
         data = state["data"]
         for f in self.feeds:
             if f.name in data:
