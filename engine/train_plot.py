@@ -27,7 +27,13 @@ def plot_metrics(metrics: str | Path, out: str | Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center")
+    lr = [(r["step"], r["lr"]) for r in rows if "lr" in r]
+    if lr:  # the schedule beside the losses: warm-up, and a decay phase where there is one
+        twin = ax.twinx()
+        twin.plot(*zip(*lr), color="grey", ls="--", lw=1)
+        twin.set_ylabel("learning rate (dashed)", color="grey")
+        twin.set_ylim(bottom=0)
     fig.tight_layout()
     out = Path(out)
     tmp = out.with_suffix(".tmp.png")
