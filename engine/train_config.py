@@ -71,9 +71,10 @@ class DataConfig:
 class OptimConfig:
     lr: float = 1e-4
     warmup_steps: int = 100
-    # The paper's schedule is warm-up then constant. decay_steps > 0 anneals the rate linearly to
-    # 0 over the run's last decay_steps (ending at run.max_steps): warm-up, stable, decay. A run
-    # resumed with a larger max_steps and a decay phase turns a constant-rate run into one.
+    # The paper's schedule is warm-up then constant. decay_steps > 0 anneals the rate linearly
+    # towards 0 over the run's last decay_steps (the final step uses 1/decay_steps of it): warm-up,
+    # stable, decay. A run resumed with a larger max_steps and a decay phase turns a
+    # constant-rate run into one.
     decay_steps: int = 0
     weight_decay: float = 0.1
     # The tanh gates start at 0 and Adam moves a parameter by about `lr` a step, so at lr 1e-4

@@ -245,12 +245,13 @@ def test_interleaved_documents_teach_from_context(built):
 def test_some_documents_end_with_a_concept_they_have_not_shown():
     import random
 
-    from engine.data.records import NONCE_DOC_FRACTION, _doc_plan, _doc_sequence
+    from engine.data.records import _doc_plan, _doc_sequence
 
     plans = [_doc_plan(random.Random(i)) for i in range(4000)]
     new = [p for p in plans if p[3]]
     assert 0.1 < len(new) / len(plans) < 0.35  # most documents still reward reading the context
-    assert all(style != "naming" or mode >= NONCE_DOC_FRACTION + 0.1 for style, _, mode, _ in new)
+    assert all(names == "real" for _, _, names, _ in new)
+    assert {names for style, _, names, _ in plans if style == "naming"} == {"made_up", "mixed", "real"}
     for i in range(200):
         n = 2 + i % 4
         repeat, fresh = _doc_sequence(random.Random(i), n), _doc_sequence(random.Random(i), n, new_last=True)

@@ -46,7 +46,8 @@ FILES = {
 }
 TRAIN_KINDS = ("pairs", "interleaved", "videos", "vqa")
 TEST_KINDS = ("classify", "captions", "vqa_test", "video_qa", "recognize")
-NONCE_DOC_FRACTION = 0.6  # naming documents whose names are all made up (plus mixed ones)
+NONCE_DOC_FRACTION = 0.6  # naming documents whose names are all made up
+MIXED_DOC_FRACTION = 0.1  # ... some made up, some real (the rest: all real)
 # Documents (with real names) whose last picture shows a concept the document has not shown. If
 # the last picture always repeated an earlier concept, copying a name from the context would
 # always be right in training, and a model so trained names a support example's concept
@@ -255,15 +256,17 @@ def make_pairs(ctx: Context, i: int) -> dict:
             "background": colour}
 
 
-def _doc_plan(rng: random.Random) -> tuple[str, int, float, bool]:
-    """An interleaved document's style, number of images, naming mode (below NONCE_DOC_FRACTION:
-    made-up names; then mixed; from NONCE_DOC_FRACTION + 0.1: real names) and whether its last
-    picture shows a new concept (only with real names: a made-up one could not be known)."""
+def _doc_plan(rng: random.Random) -> tuple[str, int, str, bool]:
+    """An interleaved document's style, number of images, names ("made_up", "mixed" or "real";
+    documents of other styles use real ones) and whether its last picture shows a new concept
+    (only with real names: a made-up one could not be known)."""
     style = rng.choices(["naming", "captions", "vqa"], [0.6, 0.2, 0.2])[0]
     n = rng.choices([2, 3, 4, 5], [1, 3, 3, 3])[0] if style == "naming" else rng.randint(2, 4)
     mode = rng.random()
-    real_names = style != "naming" or mode >= NONCE_DOC_FRACTION + 0.1
-    return style, n, mode, real_names and rng.random() < NEW_LAST_FRACTION
+    names = "real"
+    if style == "naming" and mode < NONCE_DOC_FRACTION + MIXED_DOC_FRACTION:
+        names = "made_up" if mode < NONCE_DOC_FRACTION else "mixed"
+    return style, n, names, names == "real" and rng.random() < NEW_LAST_FRACTION
 
 
 def _doc_sequence(rng: random.Random, n: int, new_last: bool = False) -> list[int]:
@@ -277,7 +280,7 @@ def _doc_sequence(rng: random.Random, n: int, new_last: bool = False) -> list[in
 
 def make_interleaved(ctx: Context, i: int) -> dict:
     rng = rng_for(ctx.seed, "interleaved", i)
-    style, n, mode, new_last = _doc_plan(rng)
+    style, n, name_kind, new_last = _doc_plan(rng)
     m = Media(ctx, "interleaved", i)
     slots = _doc_sequence(rng, n, new_last)
     first = balanced(ctx, "interleaved", i, ctx.train_ids)
@@ -289,9 +292,9 @@ def make_interleaved(ctx: Context, i: int) -> dict:
     chunks = []
     if style == "naming":
         made_up = nonce_words(rng, len(cids), avoid=set(ctx.labels.values()))
-        if mode < NONCE_DOC_FRACTION:
+        if name_kind == "made_up":
             names = made_up
-        elif mode < NONCE_DOC_FRACTION + 0.1:  # mixed: some real, some made up
+        elif name_kind == "mixed":
             names = [w if rng.random() < 0.5 else ctx.labels[c] for w, c in zip(made_up, cids)]
         else:
             names = [ctx.labels[c] for c in cids]
