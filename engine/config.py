@@ -32,6 +32,13 @@ class ResamplerConfig:
     # large common component (pooled cosine between different images ~0.34; ~0 once
     # standardised), which lets the resampler settle on an image-blind output.
     standardize_features: bool = False
+    # Learned embeddings for the S spatial tokens of a frame (0: none, as in the paper). A ViT
+    # tower's patch features carry their position already; a convolutional tower's (EfficientNet:
+    # 7 x 7 = 49) do not: a token looks the same wherever in the frame it is, and attention over
+    # the frame's tokens is blind to their order, so "left of", "moves right" and "moves left" are
+    # unreadable. Zero at initialisation, so turning them on for a trained model changes nothing
+    # until they are trained (`engine train` with init_from + model_overrides).
+    spatial_positions: int = 0
 
 
 @dataclass
@@ -66,6 +73,16 @@ class FlamingoConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FlamingoConfig":
         return _build(cls, d)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "FlamingoConfig":
+        """A copy with the given (nested) fields replaced, e.g. {"resampler": {"spatial_positions": 49}}."""
+        merged = self.to_dict()
+        for key, value in overrides.items():
+            if key in _NESTED and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        return FlamingoConfig.from_dict(merged)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))

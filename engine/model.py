@@ -260,9 +260,14 @@ class FlamingoModel(nn.Module):
             sd["new_token_output"] = self.new_token_output.data
         return sd
 
-    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], allow_new_zeros: bool = False) -> None:
+        """allow_new_zeros: weights the model has and `sd` lacks may stay as initialised when they
+        are all zero there (additions that leave the model's function unchanged, such as
+        spatial embeddings turned on for a trained model); anything else missing is an error."""
         own = self.trainable_state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        if allow_new_zeros:
+            missing = [k for k in missing if bool(own[k].any())]
         if missing or unexpected:
             raise ValueError(f"weights do not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
@@ -292,11 +297,17 @@ class FlamingoModel(nn.Module):
         return cls(config, lm, tokenizer, vision)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> "FlamingoModel":
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32,
+                        overrides: dict | None = None) -> "FlamingoModel":
+        """overrides: config fields to change before loading (FlamingoConfig.with_overrides); the
+        saved weights must still fit, except new weights that start at zero."""
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             raise ValueError(f"{directory} is not a saved Flamingo model (no {CONFIG_NAME})")
-        model = cls.from_config(FlamingoConfig.load(directory / CONFIG_NAME), dtype)
+        config = FlamingoConfig.load(directory / CONFIG_NAME)
+        if overrides:
+            config = config.with_overrides(overrides)
+        model = cls.from_config(config, dtype)
         sd = load_file(directory / WEIGHTS_NAME)
-        model.load_trainable_state_dict({k: v.float() for k, v in sd.items()})
+        model.load_trainable_state_dict({k: v.float() for k, v in sd.items()}, allow_new_zeros=bool(overrides))
         return model

@@ -140,20 +140,12 @@ class FlamingoLoss(nn.Module):
         self.model = model
         self.p_next = p_next
 
-    def forward(self, input_ids, attention_mask, labels, features=None, pixels=None, contrast: float = 0.0) -> torch.Tensor:
-        model = self.model
-        if features is not None:
-            visual = model.resample(features)
-        elif pixels is not None:
-            if any(p.requires_grad for p in model.vision.parameters()):  # unfrozen tower: keep its graph
-                b, n, t = pixels.shape[:3]
-                v = model.vision
-                feats = v.encode(v.normalize(pixels.flatten(0, 2)))
-                visual = model.resample(feats.view(b, n, t, *feats.shape[1:]))
-            else:
-                visual = model.encode_media(pixels)
-        else:
-            visual = None
+    def forward(self, input_ids, attention_mask, labels, features=None, pixels=None, contrast: float = 0.0,
+                time_contrast: float = 0.0) -> torch.Tensor:
+        """features (B, M, T, S, d) or pixels (B, M, T, 3, H, W) -> the scalar loss. contrast and
+        time_contrast weigh the hinges of `_with_contrast` (another row's media; the row's own
+        frames in reverse order)."""
+        visual = self._visual(features, pixels)
         scale = 1.0
         if not bool((labels[:, 1:] != IGNORE).any()):  # nothing to learn: a zero loss that still
             labels = labels.clone()  # touches every parameter, so DDP ranks stay in step
@@ -161,23 +153,49 @@ class FlamingoLoss(nn.Module):
             scale = 0.0
         media = None
         if visual is not None:
-            media = model.media_context(visual, input_ids, 0, self.p_next if self.training else 0.0)
-        if contrast > 0 and visual is not None and visual.shape[0] > 1 and scale > 0:
-            return self._with_image_contrast(input_ids, attention_mask, labels, visual, media, contrast)
-        out = model(input_ids, None, attention_mask, media=media, labels=labels)
+            media = self.model.media_context(visual, input_ids, 0, self.p_next if self.training else 0.0)
+        negatives = []
+        if contrast > 0 and visual is not None and visual.shape[0] > 1:
+            negatives.append((contrast, visual.roll(1, dims=0)))
+        frames = features if features is not None else pixels
+        if time_contrast > 0 and frames is not None and frames.shape[2] > 1:  # dim 2: T
+            flipped = frames.flip(2)
+            negatives.append((time_contrast, self._visual(flipped, None) if features is not None else self._visual(None, flipped)))
+        if negatives and scale > 0:
+            return self._with_contrast(input_ids, attention_mask, labels, media, negatives)
+        out = self.model(input_ids, None, attention_mask, media=media, labels=labels)
         return out.loss * scale
 
-    def _with_image_contrast(self, input_ids, attention_mask, labels, visual, media, weight: float, margin: float = 2.0):
-        """Next-token loss plus a hinge that asks each sequence's text to be more likely with its
-        own images than with the next row's: weight * mean(relu(margin + nll_own - nll_other))
-        (nll summed over the row's labels). A constant, image-blind use of the visual tokens
-        scores the same under both and pays the margin, which keeps the resampler from
-        collapsing onto its latents when the text alone explains most of the loss."""
+    def _visual(self, features, pixels):
+        """Frozen features or pixels -> (B, M, R, d) visual tokens (None without media)."""
+        model = self.model
+        if features is not None:
+            return model.resample(features)
+        if pixels is None:
+            return None
+        if any(p.requires_grad for p in model.vision.parameters()):  # unfrozen tower: keep its graph
+            b, n, t = pixels.shape[:3]
+            v = model.vision
+            feats = v.encode(v.normalize(pixels.flatten(0, 2)))
+            return model.resample(feats.view(b, n, t, *feats.shape[1:]))
+        return model.encode_media(pixels)
+
+    def _with_contrast(self, input_ids, attention_mask, labels, media, negatives, margin: float = 2.0):
+        """Next-token loss plus, for each (weight, negative visual tokens), a hinge asking each
+        sequence's text to be more likely with its own media than with the negative:
+        weight * mean(relu(margin + nll_own - nll_negative)) (nll summed over the row's labels).
+        - another row's images (image_contrast): a constant, image-blind use of the visual tokens
+          scores the same under both and pays the margin, which keeps the resampler from
+          collapsing onto its latents when the text alone explains most of the loss;
+        - the row's own frames reversed (time_contrast): reversal turns every motion of the
+          corpus into its opposite (left/right, up/down, grow/shrink, appear/disappear), and
+          visual tokens that ignore frame order score the same under both."""
         model = self.model
         own = model(input_ids, None, attention_mask, media=media, labels=labels, loss_reduction="sequence").loss
-        rolled = visual.roll(1, dims=0)
-        other_media = model.media_context(rolled, input_ids, 0)
-        other = model(input_ids, None, attention_mask, media=other_media, labels=labels, loss_reduction="sequence").loss
         counts = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
-        nll = own.sum() / counts.sum()
-        return nll + weight * torch.relu(margin + own - other).mean()
+        loss = own.sum() / counts.sum()
+        for weight, negative in negatives:
+            other_media = model.media_context(negative, input_ids, 0)
+            other = model(input_ids, None, attention_mask, media=other_media, labels=labels, loss_reduction="sequence").loss
+            loss = loss + weight * torch.relu(margin + own - other).mean()
+        return loss

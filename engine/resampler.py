@@ -8,7 +8,9 @@ Follows the paper's pseudo-code (Alayrac et al., 2022, Fig. 5):
         x = x + attention(q=x, kv=concat([x_f, x]))
         x = x + ffw(x)
 
-Each media item (an image, T = 1, or a video's T frames) is resampled on its own.
+Each media item (an image, T = 1, or a video's T frames) is resampled on its own. With
+`spatial_positions` set, learned spatial embeddings are added beside the time embeddings
+(x_f = x_f + time_embeddings + spatial_embeddings), for towers whose features carry no position.
 """
 from __future__ import annotations
 
@@ -77,6 +79,8 @@ class PerceiverResampler(nn.Module):
         self.proj = nn.Linear(vision_dim, dim) if dim != vision_dim else nn.Identity()
         self.latents = nn.Parameter(torch.randn(config.num_latents, dim) * 0.02)
         self.time_embeddings = nn.Parameter(torch.randn(config.max_frames, 1, dim) * 0.02)
+        if config.spatial_positions:
+            self.spatial_embeddings = nn.Parameter(torch.zeros(config.spatial_positions, dim))
         self.layers = nn.ModuleList(
             ResamplerLayer(dim, config.heads, config.dim_head, config.ff_mult) for _ in range(config.depth)
         )
@@ -102,9 +106,14 @@ class PerceiverResampler(nn.Module):
         b, m, t, s, _ = features.shape
         if t > self.config.max_frames:
             raise ValueError(f"{t} frames exceed the resampler's max_frames={self.config.max_frames}")
+        if self.config.spatial_positions and s != self.config.spatial_positions:
+            raise ValueError(f"the resampler has spatial embeddings for {self.config.spatial_positions} tokens per frame, "
+                             f"the vision tower gave {s} (was vision.image_size changed?)")
         if self.config.standardize_features:
             features = (features - self.feature_mean) / self.feature_std
         x_f = self.proj(features) + self.time_embeddings[:t]  # (B, M, T, S, dim)
+        if self.config.spatial_positions:
+            x_f = x_f + self.spatial_embeddings  # (S, dim) broadcast over B, M, T
         x_f = x_f.reshape(b, m, t * s, self.dim)
         latents = self.latents.expand(b, m, -1, -1)
         for layer in self.layers:

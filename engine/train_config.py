@@ -2,6 +2,8 @@
 
     model: {...}            # FlamingoConfig fields (engine/config.py); or instead:
     init_from: DIR          # a saved model (save_pretrained) to continue from
+    model_overrides: {...}  # with init_from: config fields to change, e.g. turn on new zero-initialised
+                            # weights ({resampler: {spatial_positions: 49}})
     mode: generative        # or contrastive (engine/contrastive.py)
     data:
       root: corpus          # dataset paths are relative to it (itself relative to the cwd)
@@ -42,8 +44,11 @@ class DatasetConfig:
     max_tokens: int | None = None  # default: 256 interleaved, 64 pairs / video
     max_images: int = 5
     # > 0 adds a hinge asking each text to be likelier with its own images than another row's
-    # (engine/objective.py FlamingoLoss._with_image_contrast); costs a second forward.
+    # (engine/objective.py FlamingoLoss._with_contrast); costs a second forward.
     image_contrast: float = 0.0
+    # > 0 (videos) adds a hinge asking each text to be likelier with its frames in order than
+    # reversed (FlamingoLoss._with_contrast): reading frame order pays; costs another forward.
+    time_contrast: float = 0.0
     shuffle: bool = True
     image_dir: str | None = None  # coco / mmc4 / parquet: where the images are
     image_column: str | None = None  # parquet
@@ -81,6 +86,10 @@ class OptimConfig:
     # a gate needs thousands of steps to open (the paper trains 500k). A short run gives the
     # gates their own, larger learning rate. None: the same as `lr`.
     gate_lr: float | None = None
+    # The resampler's time and spatial embeddings are added to features whose elements are ~1
+    # in size; from 0.02 (time) or 0 (spatial) at `lr` they stay a few percent of the features
+    # in a short run (the built-in model's time embeddings: 2%). None: the same as `lr`.
+    embedding_lr: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -121,6 +130,7 @@ class TrainConfig:
     data: DataConfig
     model: dict | None = None
     init_from: str | None = None
+    model_overrides: dict | None = None  # with init_from (FlamingoModel.from_pretrained's overrides)
     mode: str = "generative"  # generative | contrastive
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -236,6 +246,13 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     _choice(cfg.mode, ("generative", "contrastive"), f"{where}: mode")
     if cfg.model is not None and cfg.init_from is not None:
         raise ValueError(f"{where}: give either 'model' or 'init_from', not both")
+    if cfg.model_overrides is not None:
+        if cfg.init_from is None:
+            raise ValueError(f"{where}: model_overrides changes a saved model's config; it needs init_from")
+        try:
+            FlamingoConfig().with_overrides(cfg.model_overrides)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: model_overrides: {e}") from e
     if cfg.model is not None:
         try:
             FlamingoConfig.from_dict(cfg.model)
@@ -255,6 +272,10 @@ def _validate(cfg: TrainConfig, where: str) -> None:
             raise ValueError(f"{at}.weight must be >= 0, got {ds.weight}")
         if ds.batch_size < 1:
             raise ValueError(f"{at}.batch_size must be >= 1, got {ds.batch_size}")
+        if ds.image_contrast < 0 or ds.time_contrast < 0:
+            raise ValueError(f"{at}: image_contrast and time_contrast must be >= 0")
+        if ds.time_contrast > 0 and ds.kind != "video":
+            raise ValueError(f"{at}.time_contrast needs frames to reverse: kind video, not {ds.kind}")
         if ds.max_tokens is None:
             ds.max_tokens = DEFAULT_MAX_TOKENS[ds.kind]
         if ds.max_tokens < 2 or ds.max_images < 1:
@@ -268,6 +289,9 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     _choice(o.strategy, STRATEGIES, f"{where}: optim.strategy")
     if o.lr <= 0 or o.warmup_steps < 0 or o.weight_decay < 0 or o.max_grad_norm < 0:
         raise ValueError(f"{where}: optim: lr must be > 0; warmup_steps, weight_decay and max_grad_norm >= 0")
+    for key in ("gate_lr", "embedding_lr"):
+        if getattr(o, key) is not None and getattr(o, key) <= 0:
+            raise ValueError(f"{where}: optim.{key} must be > 0 (or null for optim.lr), got {getattr(o, key)}")
     if not 0 <= o.decay_steps <= cfg.run.max_steps:
         raise ValueError(f"{where}: optim.decay_steps must be in [0, run.max_steps={cfg.run.max_steps}], got {o.decay_steps}")
     r = cfg.run

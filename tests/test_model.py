@@ -1,4 +1,5 @@
 """The Flamingo core: identity at init, masking, resampler, freezing, concurrency, save/load."""
+import dataclasses
 import threading
 
 import pytest
@@ -131,6 +132,34 @@ def test_resampler_frame_order_matters_through_time_embeddings():
         assert torch.allclose(r(x), r(flipped), atol=1e-5)
 
 
+def _object_at(column: int) -> torch.Tensor:
+    """(1, 1, 1, 3, 32, 32) pixels: one bright 8 x 8 square in the top row's `column` cell of the
+    tiny tower's 4 x 4 grid, on a grey background."""
+    pixels = torch.full((1, 1, 1, 3, 32, 32), 0.5)
+    pixels[..., 0:8, 8 * column:8 * column + 8] = 1.0
+    return pixels
+
+
+def test_spatial_embeddings_let_the_resampler_see_where_things_are():
+    """A conv tower's tokens say what is in a cell, not where: without spatial embeddings an
+    object on the left and the same object on the right give the same visual tokens."""
+    model = tiny_model()
+    left, right = _object_at(0), _object_at(3)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_media(left), model.encode_media(right), atol=1e-5)
+    cfg = dataclasses.replace(model.config, resampler=dataclasses.replace(model.config.resampler, spatial_positions=16))
+    placed = FlamingoModel(cfg, model.lm, model.tokenizer, model.vision)
+    placed.load_trainable_state_dict(model.trainable_state_dict(), allow_new_zeros=True)
+    with torch.no_grad():
+        assert torch.equal(placed.encode_media(left), model.encode_media(left))  # zero at the start: unchanged
+        placed.resampler.spatial_embeddings.normal_()
+        assert not torch.allclose(placed.encode_media(left), placed.encode_media(right), atol=1e-3)
+    with pytest.raises(ValueError, match="weights do not match"):  # only all-zero additions may be missing
+        placed.load_trainable_state_dict(model.trainable_state_dict(), allow_new_zeros=True)
+    with pytest.raises(ValueError, match="16 tokens per frame, the vision tower gave 7"):
+        placed.resampler(torch.randn(1, 1, 1, 7, model.vision.feature_dim))
+
+
 def test_resampler_projection_and_bad_input():
     r = PerceiverResampler(ResamplerConfig(dim=16, depth=1, heads=2, dim_head=8, num_latents=3, max_frames=2), vision_dim=40)
     assert r(torch.randn(1, 2, 2, 5, 40)).shape == (1, 2, 3, 16)
@@ -252,6 +281,22 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.allclose(model(ids, model.encode_media(pixels)).logits, loaded(ids, loaded.encode_media(pixels)).logits, atol=1e-6)
     saved = set(__import__("safetensors.torch").torch.load_file(tmp_path / "flamingo" / "flamingo.safetensors"))
     assert not any(k.startswith(("lm.", "vision.")) for k in saved)  # frozen weights are references only
+
+
+def test_from_pretrained_overrides_turn_on_new_zero_weights(tmp_path):
+    model = tiny_model(gates=0.7)
+    lm_dir = tmp_path / "lm"
+    tiny_lm("llama", seed=0).save_pretrained(lm_dir)
+    tiny_tokenizer().save_pretrained(lm_dir)
+    model.config.lm = str(lm_dir)
+    model.save_pretrained(tmp_path / "flamingo")
+    placed = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"resampler": {"spatial_positions": 16}})
+    assert placed.config.resampler.spatial_positions == 16 and placed.config.resampler.depth == model.config.resampler.depth
+    ids, pixels = _inputs(model)
+    with torch.no_grad():
+        assert torch.allclose(model(ids, model.encode_media(pixels)).logits, placed(ids, placed.encode_media(pixels)).logits, atol=1e-6)
+    with pytest.raises(ValueError, match="weights do not match"):  # a change that needs weights the save lacks
+        FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"cross_attention": {"every_n_layers": 2}})
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from engine.model import FlamingoModel
 from engine.objective import DatasetFeed, FlamingoLoss, step_plan
 from engine.testing import tiny_model
 from engine.train import Trainer, param_groups
@@ -119,6 +120,19 @@ def test_param_groups_decay_only_weight_matrices():
     assert all("gated_block" in n for n in dn | nn_ if n.startswith("lm."))  # the frozen LM is not in the optimiser
 
 
+def test_param_groups_give_gates_and_position_embeddings_their_rates():
+    model = tiny_model()
+    cfg = dataclasses.replace(model.config, resampler=dataclasses.replace(model.config.resampler, spatial_positions=16))
+    model = FlamingoModel(cfg, model.lm, model.tokenizer, model.vision)
+    groups = param_groups(model, 0.1, gate_lr=1e-2, embedding_lr=5e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {g.get("lr"): {names[id(p)] for p in g["params"]} for g in groups if "lr" in g}
+    assert by_lr[5e-3] == {"resampler.time_embeddings", "resampler.spatial_embeddings"}
+    assert by_lr[1e-2] and all(n.endswith(("attn_gate", "ff_gate")) for n in by_lr[1e-2])
+    plain = {names[id(p)] for g in groups if "lr" not in g for p in g["params"]}
+    assert not plain & (by_lr[5e-3] | by_lr[1e-2]) and "resampler.latents" in plain
+
+
 def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
     cfg = parse_train_config(tiny_train_config(corpus, tmp_path / "r", **{"optim.freeze_lm": False, "run.max_steps": 1}))
     t = Trainer(cfg, model=tiny_model(), resume=False)
@@ -146,6 +160,10 @@ def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
     ({"optim": {"freeze_vision": False}}, "feature_cache needs a frozen vision tower"),
     ({"surprise": 1}, "unknown key surprise"),
     ({"optim": {"decay_steps": 10**6}}, r"optim.decay_steps must be in \[0, run.max_steps"),
+    ({"model_overrides": {"resampler": {"spatial_positions": 49}}}, "model_overrides .* needs init_from"),
+    ({"init_from": "x", "model": None, "model_overrides": {"resampler": {"where": 1}}}, "model_overrides: .*unknown keys"),
+    ({"optim": {"embedding_lr": 0}}, "optim.embedding_lr must be > 0"),
+    ({"data": {"datasets": [{"name": "a", "path": "x", "kind": "pairs", "time_contrast": 1.0}]}}, "time_contrast needs frames to reverse"),
 ])
 def test_config_validation_names_the_bad_key(corpus, tmp_path, patch, message):
     raw = tiny_train_config(corpus, tmp_path)
@@ -195,6 +213,42 @@ def test_image_contrast_penalises_image_blind_use():
     assert with_contrast > plain
     with_contrast.backward()
     assert model.resampler.latents.grad is not None
+
+
+def test_time_contrast_pays_for_order_blind_video_tokens():
+    from engine.objective import FlamingoLoss
+
+    model = tiny_model(gates=1.0)
+    ids = model.tokenizer(["<image>A cat moves left.<EOC>", "<image>A dog grows.<EOC>"], return_tensors="pt", padding=True)
+    labels = ids.input_ids.clone()
+    labels[ids.attention_mask == 0] = -100
+    labels[labels == model.media_token_id] = -100
+    feats = torch.randn(2, 1, 4, 16, model.vision.feature_dim)  # 4 frames
+    loss_fn = FlamingoLoss(model)
+    args = (ids.input_ids, ids.attention_mask, labels)
+    plain = loss_fn(*args, features=feats)
+    with torch.no_grad():
+        model.resampler.time_embeddings.zero_()  # order-blind: reversed frames give the same tokens
+        blind_plain = loss_fn(*args, features=feats)
+        assert torch.allclose(loss_fn(*args, features=feats, time_contrast=1.0) - blind_plain, torch.tensor(2.0), atol=1e-4)
+        model.resampler.time_embeddings.normal_()
+    hinged = loss_fn(*args, features=feats, time_contrast=1.0)
+    hinged.backward()
+    assert model.resampler.time_embeddings.grad.abs().sum() > 0
+    assert loss_fn(*args, features=feats[:, :, :1], time_contrast=1.0) == loss_fn(*args, features=feats[:, :, :1])  # one frame: no hinge
+    assert plain.item() > 0
+
+
+def test_position_questions_file(tmp_path):
+    import json
+
+    from engine.data.prepare import write_position_questions
+
+    rows = [{"qtype": q, "text": f"<image>{i}<EOC>", "media": ["m.png"]} for i, q in enumerate(["count", "position", "colour", "position"])]
+    (tmp_path / "vqa.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert write_position_questions(tmp_path) == 2
+    got = [json.loads(l) for l in (tmp_path / "vqa.position.train.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in got] == ["<image>1<EOC>", "<image>3<EOC>"]
 
 
 def test_lr_schedule_warms_up_holds_then_decays_to_zero():

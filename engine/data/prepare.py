@@ -3,8 +3,10 @@
     python -m engine.data.prepare --corpus corpus --pairs 5000 --interleaved 2000 --vqa 1500 --videos 300
 
 writes `<kind>.subset.train.jsonl` (the first N records of each train file, so the frozen-feature
-cache holds only what training will read) and `chat.train.jsonl`, the chat-formatted records
-derived from the image subsets (engine/data/chat_records.py), which reuse their media.
+cache holds only what training will read), `vqa.position.train.jsonl` (the position questions of
+the full VQA file, for stage 3's extra weight on where things are) and `chat.train.jsonl`, the
+chat-formatted records derived from the image subsets (engine/data/chat_records.py), which reuse
+their media.
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ def write_subsets(corpus: Path, limits: dict[str, int]) -> dict[str, int]:
     return counts
 
 
+def write_position_questions(corpus: Path) -> int:
+    """vqa.train.jsonl's records with qtype "position" -> vqa.position.train.jsonl; returns their number."""
+    with (corpus / FILES["vqa"]).open() as f:
+        lines = [line for line in f if json.loads(line).get("qtype") == "position"]
+    (corpus / "vqa.position.train.jsonl").write_text("".join(lines))
+    return len(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.data.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=Path("corpus"))
@@ -46,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..tokens import add_flamingo_tokens
 
     counts = write_subsets(args.corpus, {k: getattr(args, k) for k in FILES})
+    counts["vqa_position"] = write_position_questions(args.corpus)
     _, tokenizer = load_lm(args.lm)
     add_flamingo_tokens(tokenizer)
     # Videos stay out of the chat records: a training batch holds one media kind (frames per item).
