@@ -4,7 +4,7 @@
 
 writes `<kind>.subset.train.jsonl` (the first N records of each train file, so the frozen-feature
 cache holds only what training will read), `vqa.position.train.jsonl` (the position questions of
-the full VQA file, for stage 3's extra weight on where things are) and `chat.train.jsonl`, the
+the full VQA file, for configs/experiment_positions.yaml) and `chat.train.jsonl`, the
 chat-formatted records derived from the image subsets (engine/data/chat_records.py), which reuse
 their media.
 """
