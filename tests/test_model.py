@@ -268,13 +268,19 @@ def test_config_rejects_unknown_keys():
         FlamingoConfig.from_dict({"resampler": {"depht": 2}})
 
 
-def test_save_and_load_round_trip(tmp_path):
+def _saved_tiny_model(tmp_path) -> FlamingoModel:
+    """A tiny model saved under tmp_path/flamingo, its LM under tmp_path/lm (so it can be reloaded)."""
     model = tiny_model(gates=0.7)
     lm_dir = tmp_path / "lm"
     tiny_lm("llama", seed=0).save_pretrained(lm_dir)
     tiny_tokenizer().save_pretrained(lm_dir)
     model.config.lm = str(lm_dir)
     model.save_pretrained(tmp_path / "flamingo")
+    return model
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = _saved_tiny_model(tmp_path)
     loaded = FlamingoModel.from_pretrained(tmp_path / "flamingo")
     ids, pixels = _inputs(model)
     with torch.no_grad():
@@ -284,12 +290,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_from_pretrained_overrides_turn_on_new_zero_weights(tmp_path):
-    model = tiny_model(gates=0.7)
-    lm_dir = tmp_path / "lm"
-    tiny_lm("llama", seed=0).save_pretrained(lm_dir)
-    tiny_tokenizer().save_pretrained(lm_dir)
-    model.config.lm = str(lm_dir)
-    model.save_pretrained(tmp_path / "flamingo")
+    model = _saved_tiny_model(tmp_path)
     placed = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"resampler": {"spatial_positions": 16}})
     assert placed.config.resampler.spatial_positions == 16 and placed.config.resampler.depth == model.config.resampler.depth
     ids, pixels = _inputs(model)

@@ -192,17 +192,18 @@ def test_example_configs_parse():
         assert cfg.data.datasets, p
 
 
-def test_image_contrast_penalises_image_blind_use():
-    import torch
-
-    from engine.objective import FlamingoLoss
-    from engine.testing import tiny_model
-
-    model = tiny_model(gates=1.0)
-    ids = model.tokenizer(["<image>A cat.<EOC>", "<image>A dog.<EOC>"], return_tensors="pt", padding=True)
+def _captions(model, texts):
+    """Tokenised captions and their labels (padding and media markers unlabelled)."""
+    ids = model.tokenizer(texts, return_tensors="pt", padding=True)
     labels = ids.input_ids.clone()
     labels[ids.attention_mask == 0] = -100
     labels[labels == model.media_token_id] = -100
+    return ids, labels
+
+
+def test_image_contrast_penalises_image_blind_use():
+    model = tiny_model(gates=1.0)
+    ids, labels = _captions(model, ["<image>A cat.<EOC>", "<image>A dog.<EOC>"])
     feats = torch.randn(2, 1, 1, 16, model.vision.feature_dim)
     loss_fn = FlamingoLoss(model)
     plain = loss_fn(ids.input_ids, ids.attention_mask, labels, features=feats)
@@ -216,13 +217,8 @@ def test_image_contrast_penalises_image_blind_use():
 
 
 def test_time_contrast_pays_for_order_blind_video_tokens():
-    from engine.objective import FlamingoLoss
-
     model = tiny_model(gates=1.0)
-    ids = model.tokenizer(["<image>A cat moves left.<EOC>", "<image>A dog grows.<EOC>"], return_tensors="pt", padding=True)
-    labels = ids.input_ids.clone()
-    labels[ids.attention_mask == 0] = -100
-    labels[labels == model.media_token_id] = -100
+    ids, labels = _captions(model, ["<image>A cat moves left.<EOC>", "<image>A dog grows.<EOC>"])
     feats = torch.randn(2, 1, 4, 16, model.vision.feature_dim)  # 4 frames
     loss_fn = FlamingoLoss(model)
     args = (ids.input_ids, ids.attention_mask, labels)
