@@ -78,7 +78,7 @@ class FlamingoConfig:
         """A copy with the given (nested) fields replaced, e.g. {"resampler": {"spatial_positions": 49}}."""
         merged = self.to_dict()
         for key, value in overrides.items():
-            if key in _NESTED and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            if key in _NESTED and isinstance(value, dict):
                 merged[key] = {**merged[key], **value}
             else:
                 merged[key] = value

@@ -154,17 +154,25 @@ class FlamingoLoss(nn.Module):
         media = None
         if visual is not None:
             media = self.model.media_context(visual, input_ids, 0, self.p_next if self.training else 0.0)
-        negatives = []
-        if contrast > 0 and visual is not None and visual.shape[0] > 1:
-            negatives.append((contrast, visual.roll(1, dims=0)))
-        frames = features if features is not None else pixels
-        if time_contrast > 0 and frames is not None and frames.shape[2] > 1:  # dim 2: T
-            flipped = frames.flip(2)
-            negatives.append((time_contrast, self._visual(flipped, None) if features is not None else self._visual(None, flipped)))
-        if negatives and scale > 0:
+        negatives = self._negatives(visual, features, pixels, contrast, time_contrast) if scale > 0 else []
+        if negatives:
             return self._with_contrast(input_ids, attention_mask, labels, media, negatives)
         out = self.model(input_ids, None, attention_mask, media=media, labels=labels)
         return out.loss * scale
+
+    def _negatives(self, visual, features, pixels, contrast: float, time_contrast: float) -> list:
+        """(weight, negative visual tokens) for each hinge in use: the next row's media, and the
+        row's own frames in reverse order (dim 2 of features / pixels is T)."""
+        negatives = []
+        if visual is None:
+            return negatives
+        if contrast > 0 and visual.shape[0] > 1:
+            negatives.append((contrast, visual.roll(1, dims=0)))
+        frames = features if features is not None else pixels
+        if time_contrast > 0 and frames.shape[2] > 1:
+            flip = lambda x: None if x is None else x.flip(2)
+            negatives.append((time_contrast, self._visual(flip(features), flip(pixels))))
+        return negatives
 
     def _visual(self, features, pixels):
         """Frozen features or pixels -> (B, M, R, d) visual tokens (None without media)."""
