@@ -26,7 +26,7 @@ from engine.data.names import (clean_clipart_name, clean_emoji_name, nonce_words
 REAL_CLIPART = Path(S.DEFAULT_CLIPART_DIR)
 REAL_FONT = Path(S.DEFAULT_EMOJI_FONT)
 
-TINY = Sizes(pairs=24, interleaved=12, videos=6, vqa=16, classify_renders=2,
+TINY = Sizes(pairs=24, interleaved=12, naming=6, videos=6, vqa=16, classify_renders=2,
              caption_renders=1, vqa_test=8, video_qa=4, recognize=6)
 
 # (path as in openclipart-png, label): one or two files per concept, plus junk.
@@ -207,8 +207,8 @@ def test_records_are_well_formed(built):
 def test_train_files_exclude_heldout_concepts(built):
     out, manifest = built
     held = {c["id"]: c["label"] for c in manifest["heldout_concepts"]}
-    for name in ("pairs.train.jsonl", "interleaved.train.jsonl", "videos.train.jsonl",
-                 "vqa.train.jsonl"):
+    for name in ("pairs.train.jsonl", "interleaved.train.jsonl", "naming.train.jsonl",
+                 "videos.train.jsonl", "vqa.train.jsonl"):
         for r in _read(out / name):
             ids = set(r.get("concepts", [])) | {r.get("concept_id")}
             ids |= set(r.get("names", {}).values())
@@ -240,6 +240,25 @@ def test_interleaved_documents_teach_from_context(built):
     flags = [f for d in naming for f in d["nonce"]]
     # made-up names dominate in a larger sample; in this tiny one at least some exist
     assert any(flags)
+
+
+def test_naming_episodes_are_shaped_like_few_shot_prompts(built):
+    out, _ = built
+    episodes = _read(out / "naming.train.jsonl")
+    assert episodes
+    for d in episodes:
+        support, query = d["concepts"][:-1], d["concepts"][-1]
+        way = len(set(support))
+        assert 2 <= way <= 5 and way <= len(support) <= 8 and len(d["media"]) == len(support) + 1
+        counts = [support.count(c) for c in set(support)]
+        assert max(counts) - min(counts) <= 1  # spread as evenly as the evaluation's shots
+        assert query in support and not d["new_last"]
+        # every chunk names its own picture's concept, with the document's name for it
+        name_of = {c: nm for nm, c in d["names"].items()}
+        chunks = d["text"].split("<EOC>")[:-1]
+        assert len(chunks) == len(d["concepts"])
+        for chunk, cid in zip(chunks, d["concepts"]):
+            assert chunk.startswith("<image>") and name_of[cid] in chunk
 
 
 def test_some_documents_end_with_a_concept_they_have_not_shown():
@@ -286,7 +305,7 @@ def test_same_seed_same_corpus(tmp_path, clipart_dir, fake_emoji):
 
 
 def test_parallel_build_matches_serial(tmp_path, clipart_dir, fake_emoji):
-    cfg = dict(sizes=Sizes(pairs=20, interleaved=10, videos=4, vqa=10, classify_renders=1,
+    cfg = dict(sizes=Sizes(pairs=20, interleaved=10, naming=4, videos=4, vqa=10, classify_renders=1,
                            caption_renders=1, vqa_test=4, video_qa=4, recognize=4),
                clipart_dir=str(clipart_dir), emoji_font=fake_emoji, emoji_chars=FAKE_EMOJI,
                progress=False)

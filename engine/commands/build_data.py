@@ -40,9 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", choices=("small", "full"), default="small",
                    help="preset record counts: small = a few hundred records (minutes), "
-                        "full = ~30k pairs, 8k documents, 3k videos, 8k VQA (~10 minutes); default small")
+                        "full = ~30k pairs, 8k documents, 4k naming episodes, 3k videos, 8k VQA (~10 minutes); default small")
     counts = p.add_argument_group("explicit counts (override --size)")
     for name, what in (("pairs", "image-text pairs"), ("interleaved", "interleaved documents"),
+                       ("naming", "few-shot naming episodes (3-9 pictures)"),
                        ("videos", "captioned videos"), ("vqa", "VQA training scenes"),
                        ("vqa-test", "VQA test questions"), ("video-qa", "video test questions"),
                        ("recognize", "recognition test images"),
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --heldout-fraction must be between 0 and 1, got {args.heldout_fraction}",
               file=sys.stderr)
         return 2
-    sizes = sizes_for(args.size, pairs=args.pairs, interleaved=args.interleaved,
+    sizes = sizes_for(args.size, pairs=args.pairs, interleaved=args.interleaved, naming=args.naming,
                       videos=args.videos, vqa=args.vqa, vqa_test=args.vqa_test,
                       video_qa=args.video_qa, recognize=args.recognize,
                       classify_renders=args.classify_renders,

@@ -48,6 +48,7 @@ class CorpusError(ValueError):
 class Sizes:
     pairs: int
     interleaved: int
+    naming: int
     videos: int
     vqa: int
     classify_renders: int   # renders per held-out concept in classify.test
@@ -58,9 +59,9 @@ class Sizes:
 
 
 SIZES = {
-    "small": Sizes(pairs=200, interleaved=60, videos=24, vqa=100, classify_renders=3,
+    "small": Sizes(pairs=200, interleaved=60, naming=40, videos=24, vqa=100, classify_renders=3,
                    caption_renders=1, vqa_test=40, video_qa=16, recognize=40),
-    "full": Sizes(pairs=30_000, interleaved=8_000, videos=3_000, vqa=8_000, classify_renders=10,
+    "full": Sizes(pairs=30_000, interleaved=8_000, naming=4_000, videos=3_000, vqa=8_000, classify_renders=10,
                   caption_renders=3, vqa_test=1_500, video_qa=500, recognize=1_500),
 }
 

@@ -18,8 +18,8 @@ On-disk formats (``format:`` of a dataset in the training YAML):
 
     media paths are relative to the JSONL file's folder (absolute paths are kept), one
     ``<image>`` marker per media item in order. Files: ``pairs.train.jsonl``,
-    ``interleaved.train.jsonl``, ``videos.train.jsonl`` (media are videos), ``vqa.train.jsonl``,
-    and held-out ``*.test.jsonl``.
+    ``interleaved.train.jsonl``, ``naming.train.jsonl``, ``videos.train.jsonl`` (media are
+    videos), ``vqa.train.jsonl``, and held-out ``*.test.jsonl``.
 ``coco`` -- COCO captions JSON (``captions_train2017.json``): ``images[].{id, file_name}`` and
     ``annotations[].{image_id, caption}``; one record per caption; images in ``image_dir``
     (default: the JSON's folder, or its ``images/`` / ``train2017/`` subfolder when present).

@@ -9,6 +9,7 @@ kind       file                       what
 ========== ========================== =====================================================
 pairs      pairs.train.jsonl          one object, one caption
 interleaved interleaved.train.jsonl   2-5 images: naming (often made-up names), captions, VQA
+naming     naming.train.jsonl         few-shot naming episodes: 2-5 concepts, 3-9 images
 videos     videos.train.jsonl         one object moving / growing / appearing, captioned
 vqa        vqa.train.jsonl            scenes of 1-5 objects or shapes with a question
 classify   classify.test.jsonl        renders of held-out concepts, with their label
@@ -36,6 +37,7 @@ from .names import is_plural, nonce_words, with_article
 FILES = {
     "pairs": "pairs.train.jsonl",
     "interleaved": "interleaved.train.jsonl",
+    "naming": "naming.train.jsonl",
     "videos": "videos.train.jsonl",
     "vqa": "vqa.train.jsonl",
     "classify": "classify.test.jsonl",
@@ -44,7 +46,7 @@ FILES = {
     "video_qa": "video_qa.test.jsonl",
     "recognize": "recognize.test.jsonl",
 }
-TRAIN_KINDS = ("pairs", "interleaved", "videos", "vqa")
+TRAIN_KINDS = ("pairs", "interleaved", "naming", "videos", "vqa")
 TEST_KINDS = ("classify", "captions", "vqa_test", "video_qa", "recognize")
 NONCE_DOC_FRACTION = 0.6  # naming documents whose names are all made up
 MIXED_DOC_FRACTION = 0.1  # ... some made up, some real (the rest: all real)
@@ -278,6 +280,29 @@ def _doc_sequence(rng: random.Random, n: int, new_last: bool = False) -> list[in
     return first + [k if new_last else rng.choice(first)]
 
 
+def _naming_chunks(ctx: Context, rng: random.Random, m: Media, cids: list[str], seq: list[str],
+                   name_kind: str) -> tuple[list[str], list[str]]:
+    """Render ``seq`` (concept ids, each in ``cids``) as naming chunks, one sentence template for
+    the whole document; returns the chunks and the name given to each of ``cids``."""
+    made_up = nonce_words(rng, len(cids), avoid=set(ctx.labels.values()))
+    if name_kind == "made_up":
+        names = made_up
+    elif name_kind == "mixed":
+        names = [w if rng.random() < 0.5 else ctx.labels[c] for w, c in zip(made_up, cids)]
+    else:
+        names = [ctx.labels[c] for c in cids]
+    template = rng.choice(T.NAMING_QA) if rng.random() < 0.25 else rng.choice(T.NAMING)
+    last_key: dict[str, str] = {}
+    chunks = []
+    for cid in seq:
+        cut, key = cutout(ctx, rng, cid, avoid=last_key.get(cid))
+        last_key[cid] = key
+        img, _, _ = R.render_object(rng, cut)
+        m.image(img)
+        chunks.append(T.chunk(T.naming(template, names[cids.index(cid)])))
+    return chunks, names
+
+
 def make_interleaved(ctx: Context, i: int) -> dict:
     rng = rng_for(ctx.seed, "interleaved", i)
     style, n, name_kind, new_last = _doc_plan(rng)
@@ -291,21 +316,7 @@ def make_interleaved(ctx: Context, i: int) -> dict:
     out: dict = {"doc": style, "concepts": seq, "new_last": new_last}
     chunks = []
     if style == "naming":
-        made_up = nonce_words(rng, len(cids), avoid=set(ctx.labels.values()))
-        if name_kind == "made_up":
-            names = made_up
-        elif name_kind == "mixed":
-            names = [w if rng.random() < 0.5 else ctx.labels[c] for w, c in zip(made_up, cids)]
-        else:
-            names = [ctx.labels[c] for c in cids]
-        template = rng.choice(T.NAMING_QA) if rng.random() < 0.25 else rng.choice(T.NAMING)
-        last_key: dict[str, str] = {}
-        for cid in seq:
-            cut, key = cutout(ctx, rng, cid, avoid=last_key.get(cid))
-            last_key[cid] = key
-            img, _, _ = R.render_object(rng, cut)
-            m.image(img)
-            chunks.append(T.chunk(T.naming(template, names[cids.index(cid)])))
+        chunks, names = _naming_chunks(ctx, rng, m, cids, seq, name_kind)
         out["names"] = {nm: c for nm, c in zip(names, cids)}
         out["nonce"] = [nm != ctx.labels[c] for nm, c in zip(names, cids)]
     elif style == "captions":
@@ -322,6 +333,30 @@ def make_interleaved(ctx: Context, i: int) -> dict:
             chunks.append(T.chunk(T.qa(s["question"], s["answers"][0])))
         out["qtype"] = qtype
     return {"media": m.paths, "text": "".join(chunks), **out}
+
+
+def make_naming(ctx: Context, i: int) -> dict:
+    """A naming document shaped like a few-shot classification prompt: 2-5 concepts, 2-8 named
+    pictures spread as evenly as possible over them in random order (each concept at least
+    once), then one more picture of one of them. The interleaved documents stop at 5 pictures
+    and 3 concepts; the evaluation's 8-shot, 5-way prompts hold 9 pictures of 5."""
+    rng = rng_for(ctx.seed, "naming", i)
+    way = rng.randint(2, 5)
+    shots = rng.randint(way, 8)
+    cids = [balanced(ctx, "naming", i, ctx.train_ids)]
+    while len(cids) < way:
+        cids.append(other(rng, ctx.train_ids, *cids))
+    support = [cids[j % way] for j in range(shots)]
+    rng.shuffle(support)
+    seq = support + [rng.choice(cids)]
+    mode = rng.random()
+    name_kind = ("made_up" if mode < NONCE_DOC_FRACTION else
+                 "mixed" if mode < NONCE_DOC_FRACTION + MIXED_DOC_FRACTION else "real")
+    m = Media(ctx, "naming", i)
+    chunks, names = _naming_chunks(ctx, rng, m, cids, seq, name_kind)
+    return {"media": m.paths, "text": "".join(chunks), "doc": "naming", "concepts": seq,
+            "new_last": False, "names": {nm: c for nm, c in zip(names, cids)},
+            "nonce": [nm != ctx.labels[c] for nm, c in zip(names, cids)]}
 
 
 def make_videos(ctx: Context, i: int) -> dict:
@@ -421,7 +456,7 @@ def make_recognize(ctx: Context, i: int) -> dict:
 
 
 MAKERS = {
-    "pairs": make_pairs, "interleaved": make_interleaved, "videos": make_videos,
+    "pairs": make_pairs, "interleaved": make_interleaved, "naming": make_naming, "videos": make_videos,
     "vqa": make_vqa, "classify": make_classify, "captions": make_captions,
     "vqa_test": make_vqa_test, "video_qa": make_video_qa, "recognize": make_recognize,
 }
