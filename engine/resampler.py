@@ -11,6 +11,8 @@ Follows the paper's pseudo-code (Alayrac et al., 2022, Fig. 5):
 Each media item (an image, T = 1, or a video's T frames) is resampled on its own. With
 `spatial_positions` set, learned spatial embeddings are added beside the time embeddings
 (x_f = x_f + time_embeddings + spatial_embeddings), for towers whose features carry no position.
+With `global_features`, a projection of the item's mean feature is added to every output token,
+so what the latents do not attend to (a picture's background) can still reach the LM.
 """
 from __future__ import annotations
 
@@ -81,6 +83,10 @@ class PerceiverResampler(nn.Module):
         self.time_embeddings = nn.Parameter(torch.randn(config.max_frames, 1, dim) * 0.02)
         if config.spatial_positions:
             self.spatial_embeddings = nn.Parameter(torch.zeros(config.spatial_positions, dim))
+        if config.global_features:
+            self.global_proj = nn.Linear(dim, dim)
+            nn.init.zeros_(self.global_proj.weight)
+            nn.init.zeros_(self.global_proj.bias)
         self.layers = nn.ModuleList(
             ResamplerLayer(dim, config.heads, config.dim_head, config.ff_mult) for _ in range(config.depth)
         )
@@ -118,4 +124,7 @@ class PerceiverResampler(nn.Module):
         latents = self.latents.expand(b, m, -1, -1)
         for layer in self.layers:
             latents = layer(x_f, latents)
-        return self.norm(latents)
+        out = self.norm(latents)  # (B, M, R, dim)
+        if self.config.global_features:
+            out = out + self.global_proj(x_f.mean(dim=-2)).unsqueeze(-2)  # (B, M, 1, dim) to every token
+        return out

@@ -300,6 +300,22 @@ def test_from_pretrained_overrides_turn_on_new_zero_weights(tmp_path):
         FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"cross_attention": {"every_n_layers": 2}})
 
 
+def test_global_features_start_at_zero_and_receive_gradient(tmp_path):
+    """resampler.global_features adds a projection of the item's mean feature to every visual
+    token: nothing changes until it is trained, and it is trainable from the first step."""
+    model = _saved_tiny_model(tmp_path)
+    g = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"resampler": {"global_features": True}})
+    _, pixels = _inputs(model)
+    with torch.no_grad():
+        before = model.encode_media(pixels)
+        assert torch.equal(g.encode_media(pixels), before)
+    g.encode_media(pixels).pow(2).sum().backward()
+    assert g.resampler.global_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        g.resampler.global_proj.bias.fill_(0.5)
+        assert torch.allclose(g.encode_media(pixels), before + 0.5, atol=1e-6)  # the same vector on every token
+
+
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_hf_vision_tower_patch_tokens(tmp_path, family):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
