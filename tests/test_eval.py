@@ -352,3 +352,27 @@ def test_embeddings_batched_equal_one_by_one(corpus):
     alone = torch.cat([MediaBank(model, num_frames=4, batch_size=1).embeddings([p]) for p in paths])
     assert together.shape == (6, model.vision.feature_dim)
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_probe_reads_a_property_from_features_and_not_from_constants(tmp_path):
+    from engine.eval.probe import main, run_probe, softmax_probe
+    from engine.testing import tiny_model
+
+    # constant features carry nothing: the probe falls back to the training rows' majority class
+    y = torch.tensor([0, 0, 0, 1] * 5 + [1, 1, 0, 1])
+    assert softmax_probe(torch.ones(24, 3), y, 20) == 0.25
+    # a background colour the tiny tower sees (every other picture red or blue)
+    (tmp_path / "media").mkdir()
+    rows = []
+    for i in range(40):
+        colour = "red" if i % 2 else "blue"
+        _image(tmp_path / f"media/{i}.png", colour, i)
+        rows.append({"media": [f"media/{i}.png"], "background": colour})
+    _write(tmp_path / "probe.jsonl", rows)
+    from engine.eval.datasets import read_jsonl
+
+    result = run_probe(tiny_model(), read_jsonl(tmp_path / "probe.jsonl"), "background", 30, progress=False)
+    assert result["classes"] == 2 and result["test"] == 10 and result["majority"] == 0.5
+    assert result["tower_features"] == 1.0
+    assert 0.0 <= result["visual_tokens"] <= 1.0
+    assert main(["--model", str(tmp_path / "missing"), "--data", str(tmp_path / "probe.jsonl")]) == 2
