@@ -40,9 +40,10 @@ class ResamplerConfig:
     # until they are trained (`engine train` with init_from + model_overrides).
     spatial_positions: int = 0
     # Add a projection of the media item's mean feature (over frames and spatial tokens) to every
-    # visual token. The latents attend mostly to the object's cells: the built-in model's visual
-    # tokens hold no linearly readable background colour (13.5% over 10 colours, majority 15%)
-    # while the tower's mean features do (57%). Zero at initialisation, like spatial_positions.
+    # visual token. The latents need not attend to everything: the stage-2 built-in model's visual
+    # tokens hold almost no linearly readable background colour (17% over 10 colours, majority
+    # 13%) while the tower's mean features do (50%; `python -m engine.eval.probe`). Zero at
+    # initialisation, like spatial_positions.
     global_features: bool = False
 
 
