@@ -41,18 +41,21 @@ test-fast: $(TEST_OK)
 	$(PY) -m pytest -m "not slow and not browser"
 
 # The offline corpus from Debian's clip art and emoji (installed here when missing, as root).
+# A corpus built before the naming episodes existed (no naming.train.jsonl) is rebuilt.
 data: DEBIAN_PKGS := openclipart-png fonts-noto-color-emoji
 data: $(APP_OK) debian-deps
-	test -f $(CORPUS)/manifest.json || $(PY) -m engine build-data --out $(CORPUS) --size full --seed 0
+	test -f $(CORPUS)/manifest.json -a -f $(CORPUS)/naming.train.jsonl || $(PY) -m engine build-data --out $(CORPUS) --size full --seed 0
 
 # The built-in model: corpus -> training subsets + chat records -> stage 1 (constant rate, the
-# subsets) -> stage 2 (the same run, full files, decaying rate) -> fp16 export -> evaluation into
-# assets/model/eval (the model card's numbers). Both stages resume from the run's checkpoints.
+# subsets) -> stage 2 (the same run, full files, decaying rate) -> stage 3 (a second, shorter
+# warm-up/decay cycle with the naming episodes, its own run dir) -> fp16 export -> evaluation
+# into assets/model/eval (the model card's numbers). Every stage resumes from its checkpoints.
 default-model: data
 	$(PY) -m engine.data.prepare --corpus $(CORPUS)
 	$(PY) -m engine train --config configs/default_model.yaml
 	$(PY) -m engine train --config configs/default_model_anneal.yaml
-	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model/model').save_pretrained('assets/model', dtype=torch.float16)"
+	$(PY) -m engine train --config configs/default_model_stage3.yaml
+	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model_stage3/model').save_pretrained('assets/model', dtype=torch.float16)"
 	$(MAKE) eval-default
 
 EVAL := $(PY) -m engine eval --model assets/model --data $(CORPUS) --no-progress
