@@ -170,23 +170,15 @@ class FlamingoLoss(nn.Module):
             negatives.append((contrast, visual.roll(1, dims=0)))
         frames = features if features is not None else pixels
         if time_contrast > 0 and frames.shape[2] > 1:
-            flip = lambda x: None if x is None else x.flip(2)
-            negatives.append((time_contrast, self._visual(flip(features), flip(pixels))))
+            reversed_ = [None if x is None else x.flip(2) for x in (features, pixels)]
+            negatives.append((time_contrast, self._visual(*reversed_)))
         return negatives
 
     def _visual(self, features, pixels):
         """Frozen features or pixels -> (B, M, R, d) visual tokens (None without media)."""
-        model = self.model
         if features is not None:
-            return model.resample(features)
-        if pixels is None:
-            return None
-        if any(p.requires_grad for p in model.vision.parameters()):  # unfrozen tower: keep its graph
-            b, n, t = pixels.shape[:3]
-            v = model.vision
-            feats = v.encode(v.normalize(pixels.flatten(0, 2)))
-            return model.resample(feats.view(b, n, t, *feats.shape[1:]))
-        return model.encode_media(pixels)
+            return self.model.resample(features)
+        return None if pixels is None else self.model.encode_media(pixels)
 
     def _with_contrast(self, input_ids, attention_mask, labels, media, negatives, margin: float = 2.0):
         """Next-token loss plus, for each (weight, negative visual tokens), a hinge asking each

@@ -54,9 +54,10 @@ class VisionTower(nn.Module):
         """(N, 3, H, W) normalized -> (N, S, d)"""
         raise NotImplementedError
 
-    @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) in [0, 1] -> (B, T, S, d)"""
+        """(B, T, 3, H, W) in [0, 1] -> (B, T, S, d). A frozen tower (every tower starts frozen)
+        records no graph, its parameters not requiring grad; one unfrozen for training
+        (optim.freeze_vision: false) passes gradients on."""
         if pixels.dim() != 5 or pixels.shape[2] != 3:
             raise ValueError(f"vision tower expects pixels (B, T, 3, H, W), got shape {tuple(pixels.shape)}")
         b, t = pixels.shape[:2]

@@ -216,6 +216,16 @@ def test_image_contrast_penalises_image_blind_use():
     assert model.resampler.latents.grad is not None
 
 
+def test_gradient_reaches_the_tower_only_when_it_is_unfrozen():
+    model = tiny_model(gates=1.0)
+    ids, labels = _captions(model, ["<image>A cat.<EOC>", "<image>A dog.<EOC>"])
+    pixels = torch.rand(2, 1, 1, 3, 32, 32)
+    assert not model.vision(pixels[:, 0]).requires_grad  # frozen: no graph through the tower
+    model.vision.requires_grad_(True)  # what optim.freeze_vision: false does
+    FlamingoLoss(model)(ids.input_ids, ids.attention_mask, labels, pixels=pixels).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
+
+
 def test_time_contrast_pays_for_order_blind_video_tokens():
     model = tiny_model(gates=1.0)
     ids, labels = _captions(model, ["<image>A cat moves left.<EOC>", "<image>A dog grows.<EOC>"])

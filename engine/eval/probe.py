@@ -48,14 +48,20 @@ def softmax_probe(x: torch.Tensor, y: torch.Tensor, n_train: int, steps: int = 3
 
 @torch.inference_mode()
 def probe_features(model, paths: list[str], progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Media files -> ((P, d_vision) tower features mean-pooled over positions, (P, d) visual tokens
-    mean-pooled over latents)."""
-    bank = MediaBank(model, cache_items=max(4096, len(paths)))
-    tower = bank.embeddings(paths).float()
-    bank.prefetch(paths)  # batched
-    tokens = torch.stack([bank.visual(p).float().mean(0)
-                          for p in tqdm(paths, desc="visual tokens", unit="item", disable=not progress)])
-    return tower, tokens
+    """Media files -> ((P, d_vision) tower features mean-pooled over frames and positions, as
+    RICES pools them; (P, d) visual tokens mean-pooled over latents), one tower pass per file."""
+    bank = MediaBank(model)
+    tower: list[torch.Tensor | None] = [None] * len(paths)
+    tokens: list[torch.Tensor | None] = [None] * len(paths)
+    bar = tqdm(total=len(paths), desc="probe features", unit="item", disable=not progress)
+    for idx, pixels in bank.pixel_batches(paths):
+        features = model.vision(pixels.to(device=bank.device, dtype=bank.dtype))  # (b, T, S, d_v)
+        visual = model.resample(features[:, None])[:, 0]                           # (b, R, d)
+        for j, f, v in zip(idx, features.float().mean(dim=(1, 2)).cpu(), visual.float().mean(1).cpu()):
+            tower[j], tokens[j] = f, v
+        bar.update(len(idx))
+    bar.close()
+    return torch.stack(tower), torch.stack(tokens)
 
 
 def run_probe(model, items: list[dict], field: str, n_train: int, progress: bool = True) -> dict:

@@ -89,19 +89,23 @@ class MediaBank:
         self._remember(path, tokens)
         return tokens
 
-    def prefetch(self, paths: Sequence[str]) -> None:
-        """Encodes the not-yet-cached `paths` in batches (at most the cache size)."""
-        todo = [p for p in dict.fromkeys(paths) if p not in self._visual][: self.cache_items]
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i:i + self.batch_size]
-            pix = [self.pixels(p) for p in chunk]
+    def pixel_batches(self, paths: Sequence[str]):
+        """Yields (indices into `paths`, (b, T, 3, H, W) pixels): batches of at most batch_size
+        files whose pixels have the same shape (images and videos are never stacked together)."""
+        for i in range(0, len(paths), self.batch_size):
+            pix = [self.pixels(p) for p in paths[i:i + self.batch_size]]
             by_shape: dict[tuple, list[int]] = {}
             for j, x in enumerate(pix):
                 by_shape.setdefault(tuple(x.shape), []).append(j)
             for idx in by_shape.values():
-                out = self._encode(torch.stack([pix[j] for j in idx]))
-                for j, t in zip(idx, out):
-                    self._remember(chunk[j], t)
+                yield [i + j for j in idx], torch.stack([pix[j] for j in idx])
+
+    def prefetch(self, paths: Sequence[str]) -> None:
+        """Encodes the not-yet-cached `paths` in batches (at most the cache size)."""
+        todo = [p for p in dict.fromkeys(paths) if p not in self._visual][: self.cache_items]
+        for idx, pixels in self.pixel_batches(todo):
+            for j, t in zip(idx, self._encode(pixels)):
+                self._remember(todo[j], t)
 
     def blank(self, frames: int = 1) -> torch.Tensor:
         """(R, d) visual tokens of a blank grey image (frames=1) or video (frames=T)."""
@@ -117,16 +121,11 @@ class MediaBank:
     def embeddings(self, paths: Sequence[str]) -> torch.Tensor:
         """(P, d_vision) frozen vision features mean-pooled over frames and positions (RICES)."""
         out: list[torch.Tensor | None] = [None] * len(paths)
-        for i in range(0, len(paths), self.batch_size):
-            pix = [self.pixels(p) for p in paths[i:i + self.batch_size]]
-            by_shape: dict[tuple, list[int]] = {}
-            for j, x in enumerate(pix):
-                by_shape.setdefault(tuple(x.shape), []).append(j)
-            for idx in by_shape.values():
-                x = torch.stack([pix[j] for j in idx]).to(device=self.device, dtype=self.dtype)
-                pooled = self.model.vision(x).float().mean(dim=(1, 2)).cpu()  # (b, T, S, d) -> (b, d)
-                for j, e in zip(idx, pooled):
-                    out[i + j] = e
+        for idx, pixels in self.pixel_batches(paths):
+            x = pixels.to(device=self.device, dtype=self.dtype)
+            pooled = self.model.vision(x).float().mean(dim=(1, 2)).cpu()  # (b, T, S, d) -> (b, d)
+            for j, e in zip(idx, pooled):
+                out[j] = e
         return torch.stack(out) if out else torch.empty(0)
 
 
