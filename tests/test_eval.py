@@ -219,6 +219,31 @@ def test_cli_caption_on_a_jsonl_split(corpus, tmp_path):
     cider = {r["shots"]: r for r in data["results"] if r["metric"] == "CIDEr"}
     assert cider[0]["support_copy_rate"] == 0.0  # no support examples at 0 shots: nothing to copy
     assert 0.0 <= cider[1]["named_rate"] + cider[1]["support_copy_rate"] <= 1.0
+    assert 0.0 <= cider[1]["blind_named_rate"] + cider[1]["blind_support_copy_rate"] <= 1.0
+    assert cider[0]["support_shows_rate"] == 0.0 and 0.0 <= cider[1]["support_shows_rate"] <= 1.0
+
+
+def test_caption_naming_scores_the_blind_control_and_what_the_support_showed():
+    from engine.eval.tasks import caption_naming
+
+    out = caption_naming("A drawing of a cat.", "A drawing of a dog.", "cat", ["dog", "cat"])
+    assert out == {"named_rate": 1.0, "support_copy_rate": 0.0, "blind_named_rate": 0.0,
+                   "blind_support_copy_rate": 1.0, "support_shows_rate": 1.0}
+    assert caption_naming("A cat.", "A cat.", "cat", ["dog"])["support_shows_rate"] == 0.0
+
+
+def test_summary_table_lists_every_report_row_with_its_controls(tmp_path):
+    from engine.eval.report import summary_table, write_json
+
+    write_json(tmp_path / "vqa.json", {"task": "vqa", "results": [
+        {"shots": 0, "metric": "VQA accuracy", "score": 0.2875, "n": 80, "blind_score": 0.1625, "majority_baseline": 0.075},
+        {"shots": 4, "metric": "VQA accuracy", "score": 0.3125, "n": 80, "blind_score": float("nan")}]})
+    write_json(tmp_path / "caption.json", {"task": "caption", "results": [
+        {"shots": 4, "metric": "CIDEr", "score": 2.2944, "n": 40, "named_rate": 0.35, "support_shows_rate": 0.6}]})
+    lines = summary_table(tmp_path).splitlines()
+    assert lines[2:] == ["| caption | 4 | CIDEr | 2.294 | 40 | named 0.350, support_shows 0.600 |",
+                         "| vqa | 0 | VQA accuracy | 0.287 | 80 | blind 0.163, majority_baseline 0.075 |",
+                         "| vqa | 4 | VQA accuracy | 0.312 | 80 |  |"]  # NaN was written as null: no control
 
 
 def test_naming_outcome_tells_the_query_name_from_a_copied_support_name():

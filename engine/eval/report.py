@@ -105,3 +105,32 @@ def write_report(json_path: str | Path, payload: dict) -> tuple[Path, Path]:
     out = write_json(json_path, payload)
     png = plot_results(payload, plot_path(out))
     return out, png
+
+
+# The controls shown beside a score in the summary table, in this order ("_score"/"_rate" dropped).
+TABLE_CONTROLS = ("blind_score", "calibrated_score", "normalized_score", "majority_baseline", "reference_score", "chance",
+                  "named_rate", "blind_named_rate", "support_copy_rate", "support_shows_rate")
+
+
+def _control_name(key: str) -> str:
+    return key.removesuffix("_score").removesuffix("_rate")
+
+
+def summary_table(folder: str | Path) -> str:
+    """A markdown table of every report (*.json) in `folder`, one row per (report, shots, metric):
+    the table of the model card, written by `python -m engine.eval.report assets/model/eval`."""
+    lines = ["| task | shots | metric | score | n | controls |", "|---|---|---|---|---|---|"]
+    for path in sorted(Path(folder).glob("*.json")):
+        for r in json.loads(path.read_text(encoding="utf-8")).get("results", []):
+            controls = ", ".join(f"{_control_name(k)} {r[k]:.3f}" for k in TABLE_CONTROLS if _num(r.get(k)) is not None)
+            lines.append(f"| {path.stem} | {r['shots']} | {r['metric']} | {r['score']:.3f} | {r['n']} | {controls} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.eval.report",
+                                     description="Print the markdown summary table of a folder of evaluation reports.")
+    parser.add_argument("folder", nargs="?", default="assets/model/eval")
+    print(summary_table(parser.parse_args().folder))

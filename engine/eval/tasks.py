@@ -136,6 +136,17 @@ def naming_outcome(prediction: str, label: str, support_labels: Sequence[str | N
     return {"named_rate": float(named), "support_copy_rate": float(copied)}
 
 
+def caption_naming(prediction: str, blind_prediction: str, label: str, support_labels: Sequence[str | None]) -> dict[str, float]:
+    """naming_outcome for the caption and for its image-blind control (`blind_` keys), and whether a
+    support example showed the query's concept (`support_shows_rate`: with RICES support a caption
+    can name a never-seen concept by reading it off the most similar example, as the blind
+    control, given the same support texts, could only guess)."""
+    out = naming_outcome(prediction, label, support_labels)
+    out.update({f"blind_{k}": v for k, v in naming_outcome(blind_prediction, label, support_labels).items()})
+    out["support_shows_rate"] = float(label in support_labels)
+    return out
+
+
 # ----- the shared machinery -------------------------------------------------------------------------
 class Runner:
     """What every task needs: the model, the media bank, support selection and the bookkeeping."""
@@ -283,7 +294,7 @@ def eval_caption(model, items: list[dict], settings: EvalSettings, bank: MediaBa
                 preds.append(pred)
                 blind_preds.append(bpred)
                 if "label" in items[qi]:
-                    names.append(naming_outcome(pred, items[qi]["label"], [items[j].get("label") for j in sup]))
+                    names.append(caption_naming(pred, bpred, items[qi]["label"], [items[j].get("label") for j in sup]))
                 if seed == r.seeds_for(k)[0] and len(samples) < NUM_SAMPLES * (settings.shots.index(k) + 1):
                     samples.append({"shots": k, "media": items[qi]["media"], "prediction": pred, "blind_prediction": bpred,
                                     "references": items[qi]["captions"]})
