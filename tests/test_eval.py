@@ -193,6 +193,12 @@ def test_cli_writes_contract_json_and_png(corpus, tmp_path, task, extra, shots, 
             assert "calibrated_score" in r and r["chance"] == pytest.approx(1 / r["way"])
         k2 = next(r for r in rows if r["shots"] == shots[1])
         assert k2["support_mean"] == pytest.approx(shots[1])
+        # every query's class got shots // way or one more examples; the breakdown covers every query of every seed
+        assert set(k2["per_class_shots"]) <= {str(shots[1] // 3), str(shots[1] // 3 + 1)}
+        assert sum(v["n"] for v in k2["per_class_shots"].values()) == k2["n"] * len(k2["seeds"])
+        zero = next(r for r in rows if r["shots"] == 0)
+        assert list(zero["per_class_shots"]) == ["0"] and zero["per_class_shots"]["0"]["n"] == zero["n"] * len(zero["seeds"])
+        assert zero["per_class_shots"]["0"]["score"] == pytest.approx(zero["score"])
         if task == "classify":
             assert len(k2["seeds"]) == 2
     if task == "vqa":

@@ -393,6 +393,7 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
     bar = r.progress(sum(len(queries) * len(r.seeds_for(k, episodic=True)) for k in settings.shots))
     for k in settings.shots:
         acc, cal, bl, used, norm = [], [], [], [], []
+        by_shots: dict[int, list[float]] = defaultdict(list)  # accuracy by the query class's number of examples
         for seed in r.seeds_for(k, episodic=True):
             c_raw, c_cal, c_blind, n_sup, c_norm = [], [], [], [], []
             for qi in queries:
@@ -423,6 +424,7 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
                 pred_norm = pick(s[0] / torch.tensor([len(c) for c in conts], dtype=s[0].dtype, device=s[0].device), rng)
                 c_norm.append(float(pred_norm == gold))
                 c_raw.append(float(pred == gold))
+                by_shots[sum(labels[j] == y for j in sup)].append(float(pred == gold))
                 c_cal.append(float(pred_cal == gold))
                 c_blind.append(float(pred_blind == gold))
                 n_sup.append(len(sup))
@@ -439,7 +441,8 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
             norm.append(M.mean(c_norm))
         results.append(_row(k, "accuracy", acc, len(queries), bl, calibrated_score=M.mean(cal), calibrated_std=M.std(cal),
                             calibrated_seeds=cal, normalized_score=M.mean(norm), chance=1.0 / way, way=way,
-                            support_mean=M.mean(used)))
+                            support_mean=M.mean(used),
+                            per_class_shots={str(n): {"score": M.mean(v), "n": len(v)} for n, v in sorted(by_shots.items())}))
     bar.close()
     return {"results": results, "samples": samples,
             "info": {"queries": len(queries), "pool": len(items), "classes": len(classes), "way": way}}
