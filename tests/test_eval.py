@@ -199,6 +199,9 @@ def test_cli_writes_contract_json_and_png(corpus, tmp_path, task, extra, shots, 
         zero = next(r for r in rows if r["shots"] == 0)
         assert list(zero["per_class_shots"]) == ["0"] and zero["per_class_shots"]["0"]["n"] == zero["n"] * len(zero["seeds"])
         assert zero["per_class_shots"]["0"]["score"] == pytest.approx(zero["score"])
+        # the vision-only control needs examples: absent at 0 shots, a fraction with them
+        assert "prototype_score" not in zero and 0.0 <= k2["prototype_score"] <= 1.0
+        assert all("prototype_score" in v for v in k2["per_class_shots"].values())
         if task == "classify":
             assert len(k2["seeds"]) == 2
     if task == "vqa":

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.eval import metrics as M
-from engine.eval.shots import Rices, random_support, spread_over_classes
+from engine.eval.shots import Rices, prototype_pick, random_support, spread_over_classes
 from engine.eval.scoring import calibrate
 
 
@@ -113,6 +113,16 @@ def test_shots_spread_over_classes_evenly(k, n):
     assert set(counts) == set(classes)
     assert sum(counts.values()) == k
     assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_prototype_pick_takes_the_nearest_class_mean_and_skips_classes_without_examples():
+    a = torch.tensor([[1.0, 0.0], [0.8, 0.6]])  # class 0: mean direction ~ (0.95, 0.3)
+    b = torch.tensor([[0.0, 1.0]])
+    assert prototype_pick(torch.tensor([1.0, 0.2]), [a, b]) == 0
+    assert prototype_pick(torch.tensor([0.1, 1.0]), [a, b]) == 1
+    # scale does not matter (cosine), and a class with no example cannot win even when the rest point away
+    assert prototype_pick(torch.tensor([10.0, 2.0]), [a * 5, b]) == 0
+    assert prototype_pick(torch.tensor([-1.0, -1.0]), [torch.empty(0), b]) == 1
 
 
 def test_calibration_math():

@@ -7,6 +7,9 @@
   is closest to the query's by cosine similarity, ordered with the MOST similar LAST, nearest to
   the query in the prompt.
 * spread_over_classes: k shots of an N-way episode spread as evenly as possible over the classes.
+* prototype_pick: the vision-only answer to an N-way episode (the class whose support examples'
+  mean embedding is closest to the query's), the control that says how much of a naming task
+  the frozen tower's features alone already solve.
 """
 from __future__ import annotations
 
@@ -63,3 +66,16 @@ class Rices:
         pool = list(range(len(self.embeddings))) if candidates is None else list(candidates)
         best = sorted(pool, key=lambda i: (-float(sims[i]), i))[:k]
         return best[::-1]
+
+
+def prototype_pick(query: torch.Tensor, support: Sequence[torch.Tensor]) -> int:
+    """The class whose support embeddings' mean is most cosine-similar to the query's.
+
+    query: (d,); support: one (n_c, d) tensor per class (n_c may be 0: that class cannot win).
+    Returns the index of the chosen class (the first on ties)."""
+    q = F.normalize(query.float().reshape(-1), dim=0)
+    sims = torch.full((len(support),), float("-inf"))
+    for c, e in enumerate(support):
+        if len(e):
+            sims[c] = F.normalize(F.normalize(e.float(), dim=-1).mean(0), dim=0) @ q
+    return int(sims.argmax())

@@ -33,7 +33,7 @@ from .datasets import subset
 from .scoring import (MediaBank, calibrate, decode_text, encode_text, greedy_generate, greedy_generate_lm,
                       greedy_generate_variants, pick,
                       score_continuations)
-from .shots import Rices, random_support, spread_over_classes
+from .shots import Rices, prototype_pick, random_support, spread_over_classes
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,17 @@ class Runner:
             log.info("RICES: embedding %d pool items with the vision tower", len(items))
             self.rices = Rices(self.bank.embeddings([it["media"][0] for it in items]))
         self._tok_cache: dict[str, list[int]] = {}
+        self._emb_cache: dict[int, torch.Tensor] = {}
+
+    def embeddings(self, indices: Sequence[int]) -> torch.Tensor:
+        """(n, d_vision) tower embeddings of items (their first media), computed once each."""
+        if self.rices is not None:
+            return self.rices.embeddings[list(indices)]
+        todo = [i for i in dict.fromkeys(indices) if i not in self._emb_cache]
+        if todo:
+            for i, e in zip(todo, self.bank.embeddings([self.items[i]["media"][0] for i in todo])):
+                self._emb_cache[i] = e
+        return torch.stack([self._emb_cache[i] for i in indices]) if indices else torch.empty(0)
 
     # -- support --
     def excluded(self, queries: Sequence[int]) -> set[int]:
@@ -375,7 +386,9 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
     """N-way naming episodes. classify: held-out (new) concepts, named in the support examples;
     recognize: new renders of training concepts. Each query draws way-1 other classes; k shots
     are spread over the way classes as evenly as possible (never the query's image); the
-    candidates' names are ranked by log-likelihood, raw and calibrated."""
+    candidates' names are ranked by log-likelihood, raw and calibrated. With support examples the
+    report adds the vision-only control `prototype_score`: the class whose examples' mean tower
+    embedding is closest to the query's."""
     r = Runner(model, items, settings, task, bank)
     labels = [str(it["label"]) for it in items]
     classes = sorted(set(labels))
@@ -393,24 +406,16 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
     bar = r.progress(sum(len(queries) * len(r.seeds_for(k, episodic=True)) for k in settings.shots))
     for k in settings.shots:
         acc, cal, bl, used, norm = [], [], [], [], []
-        by_shots: dict[int, list[float]] = defaultdict(list)  # accuracy by the query class's number of examples
+        # accuracy (and the vision-only prototype's) by the number of examples the query's class got
+        by_shots: dict[int, list[float]] = defaultdict(list)
+        by_shots_proto: dict[int, list[float]] = defaultdict(list)
+        proto: list[float] = []
         for seed in r.seeds_for(k, episodic=True):
-            c_raw, c_cal, c_blind, n_sup, c_norm = [], [], [], [], []
+            c_raw, c_cal, c_blind, n_sup, c_norm, c_proto = [], [], [], [], [], []
             for qi in queries:
                 rng = random.Random(f"{task}:{seed}:{qi}")
                 y = labels[qi]
-                cands = rng.sample([c for c in classes if c != y], way - 1) + [y]
-                rng.shuffle(cands)
-                counts = spread_over_classes(k, cands, rng)
-                sup: list[int] = []
-                for c in cands:
-                    pool = r.eligible([qi], by_class[c])
-                    n = min(counts[c], len(pool))
-                    sup += r.rices.select(qi, n, pool) if r.rices is not None else rng.sample(pool, n)
-                if r.rices is not None:
-                    sup = r.rices.order(qi, sup)
-                else:
-                    rng.shuffle(sup)
+                cands, sup = _naming_episode(r, qi, y, classes, by_class, k, way, rng)
                 chunks = [(items[j]["media"], naming_example(labels[j])) for j in sup]
                 n_query = len(items[qi]["media"])
                 chunks.append((items[qi]["media"], MEDIA * n_query + NAMING_PREFIX))
@@ -424,7 +429,12 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
                 pred_norm = pick(s[0] / torch.tensor([len(c) for c in conts], dtype=s[0].dtype, device=s[0].device), rng)
                 c_norm.append(float(pred_norm == gold))
                 c_raw.append(float(pred == gold))
-                by_shots[sum(labels[j] == y for j in sup)].append(float(pred == gold))
+                n_y = sum(labels[j] == y for j in sup)
+                by_shots[n_y].append(float(pred == gold))
+                if k > 0:  # the vision-only control: the nearest class mean of the examples' tower embeddings
+                    examples = [r.embeddings([j for j in sup if labels[j] == c]) for c in cands]
+                    c_proto.append(float(prototype_pick(r.embeddings([qi])[0], examples) == gold))
+                    by_shots_proto[n_y].append(c_proto[-1])
                 c_cal.append(float(pred_cal == gold))
                 c_blind.append(float(pred_blind == gold))
                 n_sup.append(len(sup))
@@ -439,13 +449,36 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
             bl.append(M.mean(c_blind))
             used.append(M.mean(n_sup))
             norm.append(M.mean(c_norm))
+            if c_proto:
+                proto.append(M.mean(c_proto))
         results.append(_row(k, "accuracy", acc, len(queries), bl, calibrated_score=M.mean(cal), calibrated_std=M.std(cal),
                             calibrated_seeds=cal, normalized_score=M.mean(norm), chance=1.0 / way, way=way,
                             support_mean=M.mean(used),
-                            per_class_shots={str(n): {"score": M.mean(v), "n": len(v)} for n, v in sorted(by_shots.items())}))
+                            per_class_shots={str(n): {"score": M.mean(v), "n": len(v),
+                                                      **({"prototype_score": M.mean(by_shots_proto[n])} if n in by_shots_proto else {})}
+                                             for n, v in sorted(by_shots.items())},
+                            **({"prototype_score": M.mean(proto)} if proto else {})))
     bar.close()
     return {"results": results, "samples": samples,
             "info": {"queries": len(queries), "pool": len(items), "classes": len(classes), "way": way}}
+
+
+def _naming_episode(r: Runner, qi: int, y: str, classes: list[str], by_class: dict[str, list[int]], k: int, way: int,
+                    rng: random.Random) -> tuple[list[str], list[int]]:
+    """One N-way episode for query `qi` of class `y`: the candidate names (y and way-1 others, in
+    random order) and k support items spread over them (random, or RICES with the most similar last)."""
+    cands = rng.sample([c for c in classes if c != y], way - 1) + [y]
+    rng.shuffle(cands)
+    counts = spread_over_classes(k, cands, rng)
+    sup: list[int] = []
+    for c in cands:
+        pool = r.eligible([qi], by_class[c])
+        n = min(counts[c], len(pool))
+        sup += r.rices.select(qi, n, pool) if r.rices is not None else rng.sample(pool, n)
+    if r.rices is not None:
+        return cands, r.rices.order(qi, sup)
+    rng.shuffle(sup)
+    return cands, sup
 
 
 # ----- video qa --------------------------------------------------------------------------------------
