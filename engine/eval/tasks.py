@@ -453,14 +453,21 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
                 proto.append(M.mean(c_proto))
         results.append(_row(k, "accuracy", acc, len(queries), bl, calibrated_score=M.mean(cal), calibrated_std=M.std(cal),
                             calibrated_seeds=cal, normalized_score=M.mean(norm), chance=1.0 / way, way=way,
-                            support_mean=M.mean(used),
-                            per_class_shots={str(n): {"score": M.mean(v), "n": len(v),
-                                                      **({"prototype_score": M.mean(by_shots_proto[n])} if n in by_shots_proto else {})}
-                                             for n, v in sorted(by_shots.items())},
+                            support_mean=M.mean(used), per_class_shots=_per_class_shots(by_shots, by_shots_proto),
                             **({"prototype_score": M.mean(proto)} if proto else {})))
     bar.close()
     return {"results": results, "samples": samples,
             "info": {"queries": len(queries), "pool": len(items), "classes": len(classes), "way": way}}
+
+
+def _per_class_shots(model: dict[int, list[float]], prototype: dict[int, list[float]]) -> dict[str, dict]:
+    """{"1": {"score", "n", "prototype_score"}, ...}: accuracy by the number of examples the query's class got."""
+    out = {}
+    for n, hits in sorted(model.items()):
+        out[str(n)] = {"score": M.mean(hits), "n": len(hits)}
+        if prototype.get(n):
+            out[str(n)]["prototype_score"] = M.mean(prototype[n])
+    return out
 
 
 def _naming_episode(r: Runner, qi: int, y: str, classes: list[str], by_class: dict[str, list[int]], k: int, way: int,
