@@ -86,6 +86,28 @@ def test_media_bank_blank_and_cache(tmp_path):
     assert bank.embeddings([str(p)]).shape == (1, model.vision.feature_dim)
 
 
+def test_media_bank_keeps_tower_features_from_the_visual_token_pass(tmp_path):
+    model = tiny_model().eval()
+    paths = []
+    for i, colour in enumerate([(200, 10, 10), (10, 200, 10), (10, 10, 200)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (40, 30), colour).save(paths[-1])
+    calls = []
+    hook = model.vision.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        bank = MediaBank(model, cache_items=2)
+        bank.visual(paths[0])
+        assert calls == [1]
+        emb = bank.embeddings(paths[:1])  # kept from the visual-token pass: no second tower run
+        assert calls == [1]
+        whole = bank.embeddings(paths)  # more paths than the cache holds: all come back
+        assert whole.shape == (3, model.vision.feature_dim) and sum(calls) == 3
+    finally:
+        hook.remove()
+    fresh = MediaBank(model).embeddings(paths)
+    assert torch.allclose(whole, fresh, atol=1e-5) and torch.allclose(emb[0], fresh[0], atol=1e-5)
+
+
 # ----- a tiny corpus --------------------------------------------------------------------------------
 def _image(path, colour, seed):
     rng = random.Random(seed)

@@ -46,7 +46,8 @@ def decode_text(model, ids: Sequence[int]) -> str:
 # ----- media --------------------------------------------------------------------------------------
 class MediaBank:
     """Media files -> pixels -> visual tokens (R, d), with an LRU of visual tokens by path, and the
-    blank (grey) media used by the image-blind controls and calibration."""
+    blank (grey) media used by the image-blind controls and calibration. The tower's pooled
+    features (RICES, the prototype control) are kept by path too, from the same tower pass."""
 
     def __init__(self, model, num_frames: int | None = None, cache_items: int = 4096, batch_size: int = 16):
         self.model = model
@@ -56,6 +57,7 @@ class MediaBank:
         self.cache_items = cache_items
         self.batch_size = batch_size
         self._visual: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._embedding: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._blank: dict[int, torch.Tensor] = {}
         self.device = model_device(model)
         self.dtype = model.resampler.latents.dtype
@@ -68,16 +70,18 @@ class MediaBank:
         return self.num_frames if media_kind(path) == "video" else 1
 
     @torch.inference_mode()
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) -> (B, R, d)"""
-        x = pixels.to(device=self.device, dtype=self.dtype)[:, None]
-        return self.model.encode_media(x)[:, 0]
+    def _encode(self, pixels: torch.Tensor, paths: Sequence[str] = ()) -> torch.Tensor:
+        """(B, T, 3, H, W) -> (B, R, d); the pooled tower features of `paths` (one per row) are kept."""
+        features = self.model.vision(pixels.to(device=self.device, dtype=self.dtype))  # (B, T, S, d_v)
+        for path, e in zip(paths, _pooled(features)):
+            self._remember(self._embedding, path, e)
+        return self.model.resample(features[:, None])[:, 0]
 
-    def _remember(self, path: str, tokens: torch.Tensor) -> None:
-        self._visual[path] = tokens
-        self._visual.move_to_end(path)
-        while len(self._visual) > self.cache_items:
-            self._visual.popitem(last=False)
+    def _remember(self, cache: OrderedDict, path: str, value: torch.Tensor) -> None:
+        cache[path] = value
+        cache.move_to_end(path)
+        while len(cache) > self.cache_items:
+            cache.popitem(last=False)
 
     def visual(self, path: str) -> torch.Tensor:
         """(R, d) visual tokens of one media file."""
@@ -85,8 +89,8 @@ class MediaBank:
         if hit is not None:
             self._visual.move_to_end(path)
             return hit
-        tokens = self._encode(self.pixels(path)[None])[0]
-        self._remember(path, tokens)
+        tokens = self._encode(self.pixels(path)[None], [path])[0]
+        self._remember(self._visual, path, tokens)
         return tokens
 
     def pixel_batches(self, paths: Sequence[str]):
@@ -104,8 +108,8 @@ class MediaBank:
         """Encodes the not-yet-cached `paths` in batches (at most the cache size)."""
         todo = [p for p in dict.fromkeys(paths) if p not in self._visual][: self.cache_items]
         for idx, pixels in self.pixel_batches(todo):
-            for j, t in zip(idx, self._encode(pixels)):
-                self._remember(todo[j], t)
+            for j, t in zip(idx, self._encode(pixels, [todo[j] for j in idx])):
+                self._remember(self._visual, todo[j], t)
 
     def blank(self, frames: int = 1) -> torch.Tensor:
         """(R, d) visual tokens of a blank grey image (frames=1) or video (frames=T)."""
@@ -119,14 +123,21 @@ class MediaBank:
 
     @torch.inference_mode()
     def embeddings(self, paths: Sequence[str]) -> torch.Tensor:
-        """(P, d_vision) frozen vision features mean-pooled over frames and positions (RICES)."""
-        out: list[torch.Tensor | None] = [None] * len(paths)
-        for idx, pixels in self.pixel_batches(paths):
-            x = pixels.to(device=self.device, dtype=self.dtype)
-            pooled = self.model.vision(x).float().mean(dim=(1, 2)).cpu()  # (b, T, S, d) -> (b, d)
-            for j, e in zip(idx, pooled):
-                out[j] = e
-        return torch.stack(out) if out else torch.empty(0)
+        """(P, d_vision) frozen vision features mean-pooled over frames and positions (RICES); the
+        tower runs only for paths whose features are not kept yet."""
+        found = {p: self._embedding[p] for p in paths if p in self._embedding}
+        todo = [p for p in dict.fromkeys(paths) if p not in found]
+        for idx, pixels in self.pixel_batches(todo):
+            features = self.model.vision(pixels.to(device=self.device, dtype=self.dtype))
+            for j, e in zip(idx, _pooled(features)):
+                found[todo[j]] = e  # a pool larger than the cache still comes back whole
+                self._remember(self._embedding, todo[j], e)
+        return torch.stack([found[p] for p in paths]) if paths else torch.empty(0)
+
+
+def _pooled(features: torch.Tensor) -> torch.Tensor:
+    """(B, T, S, d_v) tower features -> (B, d_v) float on the CPU: the mean over frames and positions."""
+    return features.float().mean(dim=(1, 2)).cpu()
 
 
 # ----- forward passes ------------------------------------------------------------------------------

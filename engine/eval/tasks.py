@@ -165,17 +165,10 @@ class Runner:
             log.info("RICES: embedding %d pool items with the vision tower", len(items))
             self.rices = Rices(self.bank.embeddings([it["media"][0] for it in items]))
         self._tok_cache: dict[str, list[int]] = {}
-        self._emb_cache: dict[int, torch.Tensor] = {}
 
     def embeddings(self, indices: Sequence[int]) -> torch.Tensor:
-        """(n, d_vision) tower embeddings of items (their first media), computed once each."""
-        if self.rices is not None:
-            return self.rices.embeddings[list(indices)]
-        todo = [i for i in dict.fromkeys(indices) if i not in self._emb_cache]
-        if todo:
-            for i, e in zip(todo, self.bank.embeddings([self.items[i]["media"][0] for i in todo])):
-                self._emb_cache[i] = e
-        return torch.stack([self._emb_cache[i] for i in indices]) if indices else torch.empty(0)
+        """(n, d_vision) tower embeddings of items (their first media), as RICES uses them."""
+        return self.bank.embeddings([self.items[i]["media"][0] for i in indices])
 
     # -- support --
     def excluded(self, queries: Sequence[int]) -> set[int]:
