@@ -141,10 +141,10 @@ class FlamingoLoss(nn.Module):
         self.p_next = p_next
 
     def forward(self, input_ids, attention_mask, labels, features=None, pixels=None, contrast: float = 0.0,
-                time_contrast: float = 0.0) -> torch.Tensor:
-        """features (B, M, T, S, d) or pixels (B, M, T, 3, H, W) -> the scalar loss. contrast and
-        time_contrast weigh the hinges of `_with_contrast` (another row's media; the row's own
-        frames in reverse order)."""
+                time_contrast: float = 0.0, query_contrast: float = 0.0) -> torch.Tensor:
+        """features (B, M, T, S, d) or pixels (B, M, T, 3, H, W) -> the scalar loss. contrast,
+        time_contrast and query_contrast weigh the hinges of `_with_contrast` (another row's media;
+        the row's own frames in reverse order; the row's last picture swapped for an earlier one)."""
         visual = self._visual(features, pixels)
         scale = 1.0
         if not bool((labels[:, 1:] != IGNORE).any()):  # nothing to learn: a zero loss that still
@@ -154,24 +154,32 @@ class FlamingoLoss(nn.Module):
         media = None
         if visual is not None:
             media = self.model.media_context(visual, input_ids, 0, self.p_next if self.training else 0.0)
-        negatives = self._negatives(visual, features, pixels, contrast, time_contrast) if scale > 0 else []
+        negatives = self._negatives(visual, input_ids, features, pixels, contrast, time_contrast, query_contrast) if scale > 0 else []
         if negatives:
             return self._with_contrast(input_ids, attention_mask, labels, media, negatives)
         out = self.model(input_ids, None, attention_mask, media=media, labels=labels)
         return out.loss * scale
 
-    def _negatives(self, visual, features, pixels, contrast: float, time_contrast: float) -> list:
-        """(weight, negative visual tokens) for each hinge in use: the next row's media, and the
-        row's own frames in reverse order (dim 2 of features / pixels is T)."""
+    def _negatives(self, visual, input_ids, features, pixels, contrast: float, time_contrast: float,
+                   query_contrast: float) -> list:
+        """(weight, negative visual tokens, rows the hinge applies to or None for all) for each
+        hinge in use: the next row's media; the row's own frames in reverse order (dim 2 of
+        features / pixels is T); the row's last media swapped for its least similar earlier one."""
         negatives = []
         if visual is None:
             return negatives
         if contrast > 0 and visual.shape[0] > 1:
-            negatives.append((contrast, visual.roll(1, dims=0)))
+            negatives.append((contrast, visual.roll(1, dims=0), None))
         frames = features if features is not None else pixels
         if time_contrast > 0 and frames.shape[2] > 1:
             reversed_ = [None if x is None else x.flip(2) for x in (features, pixels)]
-            negatives.append((time_contrast, self._visual(*reversed_)))
+            negatives.append((time_contrast, self._visual(*reversed_), None))
+        if query_contrast > 0:
+            counts = (input_ids == self.model.media_token_id).sum(-1)
+            pooled = features.float().mean(dim=(2, 3)) if features is not None else visual.detach().float().mean(2)
+            swapped, rows = swap_last_media(visual, counts, pooled)
+            if bool(rows.any()):
+                negatives.append((query_contrast, swapped, rows))
         return negatives
 
     def _visual(self, features, pixels):
@@ -189,13 +197,35 @@ class FlamingoLoss(nn.Module):
           collapsing onto its latents when the text alone explains most of the loss;
         - the row's own frames reversed (time_contrast): reversal turns every motion of the
           corpus into its opposite (left/right, up/down, grow/shrink, appear/disappear), and
-          visual tokens that ignore frame order score the same under both."""
+          visual tokens that ignore frame order score the same under both;
+        - the row's last picture swapped for its least similar earlier picture (query_contrast):
+          only the text after the last marker changes, so in a few-shot naming episode the hinge
+          asks the query's name to follow from its picture rather than from the names in context
+          (the plain loss rewards copying the likeliest name of the episode, image-blind)."""
         model = self.model
         own = model(input_ids, None, attention_mask, media=media, labels=labels, loss_reduction="sequence").loss
         counts = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
         loss = own.sum() / counts.sum()
-        for weight, negative in negatives:
+        for weight, negative, rows in negatives:
             other_media = model.media_context(negative, input_ids, 0)
             other = model(input_ids, None, attention_mask, media=other_media, labels=labels, loss_reduction="sequence").loss
-            loss = loss + weight * torch.relu(margin + own - other).mean()
+            hinge = torch.relu(margin + own - other)
+            loss = loss + weight * (hinge.mean() if rows is None else hinge[rows].mean())
         return loss
+
+
+def swap_last_media(visual: torch.Tensor, counts: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    visual: (B, N, R, d) visual tokens; counts: (B,) media per row; pooled: (B, N, d') a summary
+    of each media item to compare them by (cosine).
+    Returns the visual tokens with each row's last media replaced by the row's earlier media least
+    like it (in a naming episode, most likely a picture of another concept), and the (B,) rows
+    that have an earlier media to swap in.
+    """
+    swapped = visual.clone()
+    rows = counts >= 2
+    for b in rows.nonzero().flatten().tolist():
+        last = int(counts[b]) - 1
+        sims = torch.nn.functional.cosine_similarity(pooled[b, :last], pooled[b, last][None], dim=-1)
+        swapped[b, last] = visual[b, int(sims.argmin())]
+    return swapped, rows

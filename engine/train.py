@@ -285,7 +285,7 @@ class Trainer:
                 with acc.autocast():
                     loss = self.loss_module(inputs.input_ids, inputs.attention_mask, inputs.labels,
                                             features=inputs.features, pixels=inputs.pixels, contrast=feed.spec.image_contrast,
-                                            time_contrast=feed.spec.time_contrast)
+                                            time_contrast=feed.spec.time_contrast, query_contrast=feed.spec.query_contrast)
                 acc.backward(loss * feed.weight)
             losses[feed.name] = loss.detach().float()
             samples += inputs.num_samples

@@ -49,6 +49,10 @@ class DatasetConfig:
     # > 0 (videos) adds a hinge asking each text to be likelier with its frames in order than
     # reversed (FlamingoLoss._with_contrast): reading frame order pays; costs another forward.
     time_contrast: float = 0.0
+    # > 0 (interleaved) adds a hinge asking the text after each row's last picture to be likelier
+    # with that picture than with the row's least similar earlier one (FlamingoLoss._with_contrast):
+    # few-shot naming must read the query picture; costs another forward.
+    query_contrast: float = 0.0
     shuffle: bool = True
     image_dir: str | None = None  # coco / mmc4 / parquet: where the images are
     image_column: str | None = None  # parquet
@@ -272,8 +276,10 @@ def _validate(cfg: TrainConfig, where: str) -> None:
             raise ValueError(f"{at}.weight must be >= 0, got {ds.weight}")
         if ds.batch_size < 1:
             raise ValueError(f"{at}.batch_size must be >= 1, got {ds.batch_size}")
-        if ds.image_contrast < 0 or ds.time_contrast < 0:
-            raise ValueError(f"{at}: image_contrast and time_contrast must be >= 0")
+        if min(ds.image_contrast, ds.time_contrast, ds.query_contrast) < 0:
+            raise ValueError(f"{at}: image_contrast, time_contrast and query_contrast must be >= 0")
+        if ds.query_contrast > 0 and ds.kind != "interleaved":
+            raise ValueError(f"{at}.query_contrast needs several pictures per sequence: kind interleaved, not {ds.kind}")
         if ds.time_contrast > 0 and ds.kind != "video":
             raise ValueError(f"{at}.time_contrast needs frames to reverse: kind video, not {ds.kind}")
         if ds.max_tokens is None:

@@ -164,6 +164,8 @@ def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
     ({"init_from": "x", "model": None, "model_overrides": {"resampler": {"where": 1}}}, "model_overrides: .*unknown keys"),
     ({"optim": {"embedding_lr": 0}}, "optim.embedding_lr must be > 0"),
     ({"data": {"datasets": [{"name": "a", "path": "x", "kind": "pairs", "time_contrast": 1.0}]}}, "time_contrast needs frames to reverse"),
+    ({"data": {"datasets": [{"name": "a", "path": "x", "kind": "pairs", "query_contrast": 1.0}]}}, "query_contrast needs several pictures"),
+    ({"data": {"datasets": [{"name": "a", "path": "x", "query_contrast": -1.0}]}}, "query_contrast must be >= 0"),
 ])
 def test_config_validation_names_the_bad_key(corpus, tmp_path, patch, message):
     raw = tiny_train_config(corpus, tmp_path)
@@ -243,6 +245,39 @@ def test_time_contrast_pays_for_order_blind_video_tokens():
     assert model.resampler.time_embeddings.grad.abs().sum() > 0
     assert loss_fn(*args, features=feats[:, :, :1], time_contrast=1.0) == loss_fn(*args, features=feats[:, :, :1])  # one frame: no hinge
     assert plain.item() > 0
+
+
+def test_swap_last_media_takes_the_least_similar_earlier_item():
+    from engine.objective import swap_last_media
+
+    visual = torch.arange(2 * 3, dtype=torch.float).view(2, 3, 1, 1).expand(2, 3, 2, 4).clone()  # (B, N, R, d)
+    pooled = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]],  # row 0: item 1 is least like the last
+                           [[1.0, 0.0], [9.0, 9.0], [9.0, 9.0]]])  # row 1: one media only (padding after)
+    swapped, rows = swap_last_media(visual, torch.tensor([3, 1]), pooled)
+    assert rows.tolist() == [True, False]
+    assert torch.equal(swapped[0, 2], visual[0, 1]) and torch.equal(swapped[0, :2], visual[0, :2])
+    assert torch.equal(swapped[1], visual[1])  # nothing earlier to swap in: unchanged
+    assert visual[0, 2, 0, 0] == 2  # the input is left alone
+
+
+def test_query_contrast_pays_only_for_the_text_after_the_last_picture():
+    model = tiny_model(gates=1.0)
+    ids, labels = _captions(model, ["<image>A dax.<EOC><image>A wug.<EOC><image>A dax.<EOC>",
+                                    "<image>A wug.<EOC><image>A dax.<EOC><image>A wug.<EOC>"])
+    feats = torch.randn(2, 3, 1, 16, model.vision.feature_dim)
+    loss_fn = FlamingoLoss(model)
+    args = (ids.input_ids, ids.attention_mask, labels)
+    plain = loss_fn(*args, features=feats)
+    # every picture of a row the same: the swap changes nothing and the hinge pays its margin
+    same = feats[:, :1].expand(-1, 3, -1, -1, -1)
+    assert torch.allclose(loss_fn(*args, features=same, query_contrast=1.0) - loss_fn(*args, features=same), torch.tensor(2.0), atol=1e-4)
+    hinged = loss_fn(*args, features=feats, query_contrast=1.0)
+    assert hinged > plain
+    hinged.backward()
+    assert model.resampler.latents.grad.abs().sum() > 0
+    one = _captions(model, ["<image>A dax.<EOC>", "<image>A wug.<EOC>"])
+    one_args = (one[0].input_ids, one[0].attention_mask, one[1])
+    assert loss_fn(*one_args, features=feats[:, :1], query_contrast=1.0) == loss_fn(*one_args, features=feats[:, :1])  # no earlier picture: no hinge
 
 
 def test_position_questions_file(tmp_path):
