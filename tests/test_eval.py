@@ -108,6 +108,23 @@ def test_media_bank_keeps_tower_features_from_the_visual_token_pass(tmp_path):
     assert torch.allclose(whole, fresh, atol=1e-5) and torch.allclose(emb[0], fresh[0], atol=1e-5)
 
 
+def test_token_embeddings_are_the_mean_of_each_items_visual_tokens(tmp_path):
+    from engine.eval.tasks import EvalSettings, Runner
+
+    model = tiny_model().eval()
+    items = []
+    for i, colour in enumerate([(200, 10, 10), (10, 200, 10)]):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 30), colour).save(p)
+        items.append({"media": [str(p)], "label": f"c{i}"})
+    r = Runner(model, items, EvalSettings(shots=[0, 1]), "classify")
+    got = r.token_embeddings([1, 0])
+    assert got.shape == (2, model.resampler.dim)
+    assert torch.allclose(got[0], r.bank.visual(items[1]["media"][0]).float().mean(0))
+    assert not torch.allclose(got[0], got[1])
+    assert r.token_embeddings([]).numel() == 0
+
+
 # ----- a tiny corpus --------------------------------------------------------------------------------
 def _image(path, colour, seed):
     rng = random.Random(seed)
@@ -223,6 +240,7 @@ def test_cli_writes_contract_json_and_png(corpus, tmp_path, task, extra, shots, 
         assert zero["per_class_shots"]["0"]["score"] == pytest.approx(zero["score"])
         # the vision-only control needs examples: absent at 0 shots, a fraction with them
         assert "prototype_score" not in zero and 0.0 <= k2["prototype_score"] <= 1.0
+        assert "token_prototype_score" not in zero and 0.0 <= k2["token_prototype_score"] <= 1.0
         assert all("prototype_score" in v for v in k2["per_class_shots"].values())
         if task == "classify":
             assert len(k2["seeds"]) == 2

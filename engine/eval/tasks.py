@@ -170,6 +170,12 @@ class Runner:
         """(n, d_vision) tower embeddings of items (their first media), as RICES uses them."""
         return self.bank.embeddings([self.items[i]["media"][0] for i in indices])
 
+    def token_embeddings(self, indices: Sequence[int]) -> torch.Tensor:
+        """(n, d) the mean of each item's (first media's) visual tokens: what the LM is given."""
+        if not indices:
+            return torch.empty(0)
+        return torch.stack([self.bank.visual(self.items[i]["media"][0]).float().mean(0).cpu() for i in indices])
+
     # -- support --
     def excluded(self, queries: Sequence[int]) -> set[int]:
         """The queries and every item sharing a media file with them."""
@@ -380,8 +386,9 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
     recognize: new renders of training concepts. Each query draws way-1 other classes; k shots
     are spread over the way classes as evenly as possible (never the query's image); the
     candidates' names are ranked by log-likelihood, raw and calibrated. With support examples the
-    report adds the vision-only control `prototype_score`: the class whose examples' mean tower
-    embedding is closest to the query's."""
+    report adds the vision-only controls `prototype_score`: the class whose examples' mean tower
+    embedding is closest to the query's, and `token_prototype_score`: the same with the mean of
+    their visual tokens (the resampler's output, what the LM reads)."""
     r = Runner(model, items, settings, task, bank)
     labels = [str(it["label"]) for it in items]
     classes = sorted(set(labels))
@@ -403,8 +410,9 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
         by_shots: dict[int, list[float]] = defaultdict(list)
         by_shots_proto: dict[int, list[float]] = defaultdict(list)
         proto: list[float] = []
+        token_proto: list[float] = []
         for seed in r.seeds_for(k, episodic=True):
-            c_raw, c_cal, c_blind, n_sup, c_norm, c_proto = [], [], [], [], [], []
+            c_raw, c_cal, c_blind, n_sup, c_norm, c_proto, c_tok = [], [], [], [], [], [], []
             for qi in queries:
                 rng = random.Random(f"{task}:{seed}:{qi}")
                 y = labels[qi]
@@ -424,9 +432,10 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
                 c_raw.append(float(pred == gold))
                 n_y = sum(labels[j] == y for j in sup)
                 by_shots[n_y].append(float(pred == gold))
-                if k > 0:  # the vision-only control: the nearest class mean of the examples' tower embeddings
-                    examples = [r.embeddings([j for j in sup if labels[j] == c]) for c in cands]
-                    c_proto.append(float(prototype_pick(r.embeddings([qi])[0], examples) == gold))
+                if k > 0:  # vision-only controls: the nearest class mean of the examples' tower embeddings,
+                    # and of their visual tokens (what is lost in the resampler vs. in the LM's reading)
+                    c_proto.append(_prototype_hit(r.embeddings, qi, sup, cands, labels, gold))
+                    c_tok.append(_prototype_hit(r.token_embeddings, qi, sup, cands, labels, gold))
                     by_shots_proto[n_y].append(c_proto[-1])
                 c_cal.append(float(pred_cal == gold))
                 c_blind.append(float(pred_blind == gold))
@@ -444,13 +453,21 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
             norm.append(M.mean(c_norm))
             if c_proto:
                 proto.append(M.mean(c_proto))
+                token_proto.append(M.mean(c_tok))
         results.append(_row(k, "accuracy", acc, len(queries), bl, calibrated_score=M.mean(cal), calibrated_std=M.std(cal),
                             calibrated_seeds=cal, normalized_score=M.mean(norm), chance=1.0 / way, way=way,
                             support_mean=M.mean(used), per_class_shots=_per_class_shots(by_shots, by_shots_proto),
-                            **({"prototype_score": M.mean(proto)} if proto else {})))
+                            **({"prototype_score": M.mean(proto), "token_prototype_score": M.mean(token_proto)} if proto else {})))
     bar.close()
     return {"results": results, "samples": samples,
             "info": {"queries": len(queries), "pool": len(items), "classes": len(classes), "way": way}}
+
+
+def _prototype_hit(embed, qi: int, sup: Sequence[int], cands: Sequence[str], labels: Sequence[str], gold: int) -> float:
+    """1.0 when the nearest class mean of the support items' embeddings (`embed(indices)` -> (n, d))
+    is the query's class."""
+    examples = [embed([j for j in sup if labels[j] == c]) for c in cands]
+    return float(prototype_pick(embed([qi])[0], examples) == gold)
 
 
 def _per_class_shots(model: dict[int, list[float]], prototype: dict[int, list[float]]) -> dict[str, dict]:
