@@ -241,6 +241,11 @@ def test_cli_writes_contract_json_and_png(corpus, tmp_path, task, extra, shots, 
         # the vision-only control needs examples: absent at 0 shots, a fraction with them
         assert "prototype_score" not in zero and 0.0 <= k2["prototype_score"] <= 1.0
         assert "token_prototype_score" not in zero and 0.0 <= k2["token_prototype_score"] <= 1.0
+        # the copy control covers the episodes whose query class got an example; with closed
+        # gates the copied picture changes nothing, so it scores what the model scored on them
+        with_example = [v for n_y, v in k2["per_class_shots"].items() if n_y != "0"]
+        assert "copy_score" not in zero and k2["copy_n"] == sum(v["n"] for v in with_example) > 0
+        assert k2["copy_score"] == pytest.approx(sum(v["score"] * v["n"] for v in with_example) / k2["copy_n"])
         assert all("prototype_score" in v for v in k2["per_class_shots"].values())
         if task == "classify":
             assert len(k2["seeds"]) == 2

@@ -5,7 +5,8 @@
 
 and a shots-vs-score plot beside it (FILE.png): one panel per metric, error bars = the spread
 (std) over seeds, the image-blind control dashed, the calibrated score dotted, the vision-only
-prototypes (tower features, visual tokens) dash-dotted, chance and majority baselines as grey lines.
+prototypes (tower features, visual tokens) dash-dotted, the exact-copy
+ceiling dotted, chance and majority baselines as grey lines.
 """
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ def plot_results(payload: dict, path: str | Path) -> Path:
         x, y, e = series("token_prototype_score")
         if x:
             ax.plot(x, y, marker="v", linestyle="-.", color="tab:brown", label="visual-token prototype")
+        x, y, e = series("copy_score")
+        if x:
+            ax.plot(x, y, marker="*", linestyle=":", color="tab:olive", label="query = copy of an example")
         x, y, e = series("reference_score")
         if x:
             ax.plot(x, y, marker="^", linestyle="--", color="tab:green", label="bare LM")
@@ -114,7 +118,7 @@ def write_report(json_path: str | Path, payload: dict) -> tuple[Path, Path]:
 
 
 # The controls shown beside a score in the summary table, in this order ("_score"/"_rate" dropped).
-TABLE_CONTROLS = ("blind_score", "calibrated_score", "normalized_score", "prototype_score", "token_prototype_score", "majority_baseline", "reference_score", "chance",
+TABLE_CONTROLS = ("blind_score", "calibrated_score", "normalized_score", "prototype_score", "token_prototype_score", "copy_score", "majority_baseline", "reference_score", "chance",
                   "named_rate", "blind_named_rate", "support_copy_rate", "support_shows_rate")
 
 

@@ -386,9 +386,13 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
     recognize: new renders of training concepts. Each query draws way-1 other classes; k shots
     are spread over the way classes as evenly as possible (never the query's image); the
     candidates' names are ranked by log-likelihood, raw and calibrated. With support examples the
-    report adds the vision-only controls `prototype_score`: the class whose examples' mean tower
-    embedding is closest to the query's, and `token_prototype_score`: the same with the mean of
-    their visual tokens (the resampler's output, what the LM reads)."""
+    report adds controls that say where a miss comes from:
+    - `prototype_score` (vision only): the class whose examples' mean tower embedding is closest
+      to the query's; `token_prototype_score`: the same with the mean of their visual tokens
+      (the resampler's output, what the LM reads);
+    - `copy_score`: the model's accuracy when the query picture is replaced by an exact copy of
+      the last example of its class (over the queries whose class has one): the ceiling of the
+      LM's reading when matching pictures is trivial."""
     r = Runner(model, items, settings, task, bank)
     labels = [str(it["label"]) for it in items]
     classes = sorted(set(labels))
@@ -405,62 +409,75 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
     results, samples = [], []
     bar = r.progress(sum(len(queries) * len(r.seeds_for(k, episodic=True)) for k in settings.shots))
     for k in settings.shots:
-        acc, cal, bl, used, norm = [], [], [], [], []
+        per_seed: dict[str, list[float]] = defaultdict(list)  # outcome -> its mean per seed
+        pooled: dict[str, list[float]] = defaultdict(list)  # outcome -> every episode's hit, over seeds
         # accuracy (and the vision-only prototype's) by the number of examples the query's class got
         by_shots: dict[int, list[float]] = defaultdict(list)
         by_shots_proto: dict[int, list[float]] = defaultdict(list)
-        proto: list[float] = []
-        token_proto: list[float] = []
         for seed in r.seeds_for(k, episodic=True):
-            c_raw, c_cal, c_blind, n_sup, c_norm, c_proto, c_tok = [], [], [], [], [], [], []
+            hits: dict[str, list[float]] = defaultdict(list)
             for qi in queries:
                 rng = random.Random(f"{task}:{seed}:{qi}")
-                y = labels[qi]
-                cands, sup = _naming_episode(r, qi, y, classes, by_class, k, way, rng)
-                chunks = [(items[j]["media"], naming_example(labels[j])) for j in sup]
-                n_query = len(items[qi]["media"])
-                chunks.append((items[qi]["media"], MEDIA * n_query + NAMING_PREFIX))
-                ids, paths = r.prompt(chunks)
-                conts = [r.tokens(naming_continuation(c)) for c in cands]
-                s = score_continuations(model, ids, [r.real(paths), r.content_free(paths, n_query)], conts)
-                b = score_continuations(model, ids, [r.blind(paths)], conts)
-                gold = cands.index(y)
-                pred, pred_cal, pred_blind = pick(s[0], rng), pick(calibrate(s[0], s[1]), rng), pick(b[0], rng)
-                # length-normalised: mean log-probability per token, so long names are not penalised
-                pred_norm = pick(s[0] / torch.tensor([len(c) for c in conts], dtype=s[0].dtype, device=s[0].device), rng)
-                c_norm.append(float(pred_norm == gold))
-                c_raw.append(float(pred == gold))
-                n_y = sum(labels[j] == y for j in sup)
-                by_shots[n_y].append(float(pred == gold))
-                if k > 0:  # vision-only controls: the nearest class mean of the examples' tower embeddings,
-                    # and of their visual tokens (what is lost in the resampler vs. in the LM's reading)
-                    c_proto.append(_prototype_hit(r.embeddings, qi, sup, cands, labels, gold))
-                    c_tok.append(_prototype_hit(r.token_embeddings, qi, sup, cands, labels, gold))
-                    by_shots_proto[n_y].append(c_proto[-1])
-                c_cal.append(float(pred_cal == gold))
-                c_blind.append(float(pred_blind == gold))
-                n_sup.append(len(sup))
+                cands, sup = _naming_episode(r, qi, labels[qi], classes, by_class, k, way, rng)
+                out = _score_naming_episode(r, qi, cands, sup, labels, rng)
+                for key, hit in out["hits"].items():
+                    hits[key].append(hit)
+                hits["support"].append(float(len(sup)))
+                by_shots[out["n_y"]].append(out["hits"]["raw"])
+                if "prototype" in out["hits"]:
+                    by_shots_proto[out["n_y"]].append(out["hits"]["prototype"])
                 if seed == 0 and len(samples) < NUM_SAMPLES * (settings.shots.index(k) + 1):
-                    samples.append({"shots": k, "media": items[qi]["media"], "label": y, "candidates": cands,
-                                    "prediction": cands[pred], "calibrated_prediction": cands[pred_cal],
-                                    "blind_prediction": cands[pred_blind],
-                                    "logprobs": [round(float(x), 4) for x in s[0]]})
+                    samples.append({"shots": k, "media": items[qi]["media"], "label": labels[qi], **out["sample"]})
                 bar.update(1)
-            acc.append(M.mean(c_raw))
-            cal.append(M.mean(c_cal))
-            bl.append(M.mean(c_blind))
-            used.append(M.mean(n_sup))
-            norm.append(M.mean(c_norm))
-            if c_proto:
-                proto.append(M.mean(c_proto))
-                token_proto.append(M.mean(c_tok))
-        results.append(_row(k, "accuracy", acc, len(queries), bl, calibrated_score=M.mean(cal), calibrated_std=M.std(cal),
-                            calibrated_seeds=cal, normalized_score=M.mean(norm), chance=1.0 / way, way=way,
-                            support_mean=M.mean(used), per_class_shots=_per_class_shots(by_shots, by_shots_proto),
-                            **({"prototype_score": M.mean(proto), "token_prototype_score": M.mean(token_proto)} if proto else {})))
+            for key, v in hits.items():
+                per_seed[key].append(M.mean(v))
+                pooled[key] += v
+        controls = {f"{key}_score": M.mean(per_seed[key]) for key in ("prototype", "token_prototype") if key in per_seed}
+        if "copy" in pooled:
+            controls.update(copy_score=M.mean(pooled["copy"]), copy_n=len(pooled["copy"]))
+        results.append(_row(k, "accuracy", per_seed["raw"], len(queries), per_seed["blind"],
+                            calibrated_score=M.mean(per_seed["calibrated"]), calibrated_std=M.std(per_seed["calibrated"]),
+                            calibrated_seeds=per_seed["calibrated"], normalized_score=M.mean(per_seed["normalized"]),
+                            chance=1.0 / way, way=way, support_mean=M.mean(per_seed["support"]),
+                            per_class_shots=_per_class_shots(by_shots, by_shots_proto), **controls))
     bar.close()
     return {"results": results, "samples": samples,
             "info": {"queries": len(queries), "pool": len(items), "classes": len(classes), "way": way}}
+
+
+def _score_naming_episode(r: Runner, qi: int, cands: list[str], sup: list[int], labels: Sequence[str],
+                          rng: random.Random) -> dict:
+    """Ranks the candidates' names after the support examples and the query picture. Returns
+    {"hits": {outcome: 1.0 right / 0.0 wrong}, "n_y": examples of the query's class, "sample": ...};
+    outcomes raw, calibrated, blind and normalized, and with examples the controls prototype,
+    token_prototype and (when the query's class has one) copy."""
+    items, y = r.items, labels[qi]
+    chunks = [(items[j]["media"], naming_example(labels[j])) for j in sup]
+    n_query = len(items[qi]["media"])
+    chunks.append((items[qi]["media"], MEDIA * n_query + NAMING_PREFIX))
+    ids, paths = r.prompt(chunks)
+    conts = [r.tokens(naming_continuation(c)) for c in cands]
+    same = [j for j in sup if labels[j] == y and len(items[j]["media"]) == n_query]
+    variants = [r.real(paths), r.content_free(paths, n_query)]
+    if same:  # the query picture replaced by a copy of the last example of its class
+        variants.append(r.real(paths[:-n_query]) + r.real(items[same[-1]]["media"]))
+    s = score_continuations(r.model, ids, variants, conts)
+    b = score_continuations(r.model, ids, [r.blind(paths)], conts)
+    gold = cands.index(y)
+    pred, pred_cal, pred_blind = pick(s[0], rng), pick(calibrate(s[0], s[1]), rng), pick(b[0], rng)
+    # length-normalised: mean log-probability per token, so long names are not penalised
+    pred_norm = pick(s[0] / torch.tensor([len(c) for c in conts], dtype=s[0].dtype, device=s[0].device), rng)
+    hits = {"raw": float(pred == gold), "calibrated": float(pred_cal == gold), "blind": float(pred_blind == gold),
+            "normalized": float(pred_norm == gold)}
+    if sup:  # vision-only controls: the nearest class mean of the examples' tower embeddings,
+        # and of their visual tokens (what is lost in the resampler vs. in the LM's reading)
+        hits["prototype"] = _prototype_hit(r.embeddings, qi, sup, cands, labels, gold)
+        hits["token_prototype"] = _prototype_hit(r.token_embeddings, qi, sup, cands, labels, gold)
+    if same:
+        hits["copy"] = float(pick(s[2], rng) == gold)
+    sample = {"candidates": cands, "prediction": cands[pred], "calibrated_prediction": cands[pred_cal],
+              "blind_prediction": cands[pred_blind], "logprobs": [round(float(x), 4) for x in s[0]]}
+    return {"hits": hits, "n_y": sum(labels[j] == y for j in sup), "sample": sample}
 
 
 def _prototype_hit(embed, qi: int, sup: Sequence[int], cands: Sequence[str], labels: Sequence[str], gold: int) -> float:
