@@ -201,7 +201,7 @@ class FlamingoLoss(nn.Module):
         - the row's last picture swapped for its least similar earlier picture (query_contrast):
           only the text after the last marker changes, so in a few-shot naming episode the hinge
           asks the query's name to follow from its picture rather than from the names in context
-          (the plain loss rewards copying the likeliest name of the episode, image-blind)."""
+          alone (a frequent or recent name of the episode, which the plain loss also rewards)."""
         model = self.model
         own = model(input_ids, None, attention_mask, media=media, labels=labels, loss_reduction="sequence").loss
         counts = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
