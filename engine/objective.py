@@ -141,10 +141,13 @@ class FlamingoLoss(nn.Module):
         self.p_next = p_next
 
     def forward(self, input_ids, attention_mask, labels, features=None, pixels=None, contrast: float = 0.0,
-                time_contrast: float = 0.0, query_contrast: float = 0.0) -> torch.Tensor:
+                time_contrast: float = 0.0, query_contrast: float = 0.0, return_parts: bool = False):
         """features (B, M, T, S, d) or pixels (B, M, T, 3, H, W) -> the scalar loss. contrast,
         time_contrast and query_contrast weigh the hinges of `_with_contrast` (another row's media;
-        the row's own frames in reverse order; the row's last picture swapped for an earlier one)."""
+        the row's own frames in reverse order; the row's last picture swapped for an earlier one).
+        return_parts: (loss, {"nll": ..., "hinge_image" / "hinge_time" / "hinge_query": ...}),
+        detached and unweighted, with a key for every hinge whose weight is > 0 (0 where it had
+        nothing to compare), so every call with the same weights logs the same keys."""
         visual = self._visual(features, pixels)
         scale = 1.0
         if not bool((labels[:, 1:] != IGNORE).any()):  # nothing to learn: a zero loss that still
@@ -156,30 +159,37 @@ class FlamingoLoss(nn.Module):
             media = self.model.media_context(visual, input_ids, 0, self.p_next if self.training else 0.0)
         negatives = self._negatives(visual, input_ids, features, pixels, contrast, time_contrast, query_contrast) if scale > 0 else []
         if negatives:
-            return self._with_contrast(input_ids, attention_mask, labels, media, negatives)
-        out = self.model(input_ids, None, attention_mask, media=media, labels=labels)
-        return out.loss * scale
+            loss, parts = self._with_contrast(input_ids, attention_mask, labels, media, negatives)
+        else:
+            loss = self.model(input_ids, None, attention_mask, media=media, labels=labels).loss * scale
+            parts = {"nll": loss.detach()}
+        if not return_parts:
+            return loss
+        for kind, weight in (("image", contrast), ("time", time_contrast), ("query", query_contrast)):
+            if weight > 0:
+                parts.setdefault(f"hinge_{kind}", torch.zeros((), device=loss.device))
+        return loss, parts
 
     def _negatives(self, visual, input_ids, features, pixels, contrast: float, time_contrast: float,
                    query_contrast: float) -> list:
-        """(weight, negative visual tokens, rows the hinge applies to or None for all) for each
-        hinge in use: the next row's media; the row's own frames in reverse order (dim 2 of
+        """(kind, weight, negative visual tokens, rows the hinge applies to or None for all) for
+        each hinge in use: the next row's media; the row's own frames in reverse order (dim 2 of
         features / pixels is T); the row's last media swapped for its least similar earlier one."""
         negatives = []
         if visual is None:
             return negatives
         if contrast > 0 and visual.shape[0] > 1:
-            negatives.append((contrast, visual.roll(1, dims=0), None))
+            negatives.append(("image", contrast, visual.roll(1, dims=0), None))
         frames = features if features is not None else pixels
         if time_contrast > 0 and frames.shape[2] > 1:
             reversed_ = [None if x is None else x.flip(2) for x in (features, pixels)]
-            negatives.append((time_contrast, self._visual(*reversed_), None))
+            negatives.append(("time", time_contrast, self._visual(*reversed_), None))
         if query_contrast > 0:
             counts = (input_ids == self.model.media_token_id).sum(-1)
             pooled = features.float().mean(dim=(2, 3)) if features is not None else visual.detach().float().mean(2)
             swapped, rows = swap_last_media(visual, counts, pooled)
             if bool(rows.any()):
-                negatives.append((query_contrast, swapped, rows))
+                negatives.append(("query", query_contrast, swapped, rows))
         return negatives
 
     def _visual(self, features, pixels):
@@ -189,7 +199,7 @@ class FlamingoLoss(nn.Module):
         return None if pixels is None else self.model.encode_media(pixels)
 
     def _with_contrast(self, input_ids, attention_mask, labels, media, negatives, margin: float = 2.0):
-        """Next-token loss plus, for each (weight, negative visual tokens), a hinge asking each
+        """Next-token loss plus, for each (kind, weight, negative visual tokens, rows), a hinge asking each
         sequence's text to be more likely with its own media than with the negative:
         weight * mean(relu(margin + nll_own - nll_negative)) (nll summed over the row's labels).
         - another row's images (image_contrast): a constant, image-blind use of the visual tokens
@@ -206,12 +216,15 @@ class FlamingoLoss(nn.Module):
         own = model(input_ids, None, attention_mask, media=media, labels=labels, loss_reduction="sequence").loss
         counts = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
         loss = own.sum() / counts.sum()
-        for weight, negative, rows in negatives:
+        parts = {"nll": loss.detach()}
+        for kind, weight, negative, rows in negatives:
             other_media = model.media_context(negative, input_ids, 0)
             other = model(input_ids, None, attention_mask, media=other_media, labels=labels, loss_reduction="sequence").loss
             hinge = torch.relu(margin + own - other)
-            loss = loss + weight * (hinge.mean() if rows is None else hinge[rows].mean())
-        return loss
+            hinge = hinge.mean() if rows is None else hinge[rows].mean()
+            parts[f"hinge_{kind}"] = hinge.detach()
+            loss = loss + weight * hinge
+        return loss, parts
 
 
 def swap_last_media(visual: torch.Tensor, counts: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

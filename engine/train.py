@@ -276,18 +276,21 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         self.loss_module.train()
         plan = step_plan(self.step, self.weights, cfg.optim.strategy)
-        losses, samples, tokens = {}, 0, 0
+        losses, parts, samples, tokens = {}, {}, 0, 0
         for j, i in enumerate(plan):
             feed = self.feeds[i]
             inputs = feed.next_batch().to(acc.device)
             sync = j == len(plan) - 1
             with acc.no_sync(self.loss_module) if not sync else nullcontext():
                 with acc.autocast():
-                    loss = self.loss_module(inputs.input_ids, inputs.attention_mask, inputs.labels,
-                                            features=inputs.features, pixels=inputs.pixels, contrast=feed.spec.image_contrast,
-                                            time_contrast=feed.spec.time_contrast, query_contrast=feed.spec.query_contrast)
+                    loss, loss_parts = self.loss_module(
+                        inputs.input_ids, inputs.attention_mask, inputs.labels, features=inputs.features, pixels=inputs.pixels,
+                        contrast=feed.spec.image_contrast, time_contrast=feed.spec.time_contrast,
+                        query_contrast=feed.spec.query_contrast, return_parts=True)
                 acc.backward(loss * feed.weight)
             losses[feed.name] = loss.detach().float()
+            if len(loss_parts) > 1:  # with hinges: log the next-token loss and each hinge apart
+                parts.update({f"{k}/{feed.name}": v.float() for k, v in loss_parts.items()})
             samples += inputs.num_samples
             tokens += inputs.num_tokens
         grad_norm = None
@@ -301,6 +304,8 @@ class Trainer:
         names = list(losses)
         reduced = acc.reduce(torch.stack([losses[n] for n in names]), reduction="mean").tolist()
         out = {f"loss/{n}": v for n, v in zip(names, reduced)}
+        if parts:  # the same keys on every rank: they depend on the datasets' hinge weights only
+            out.update(zip(parts, acc.reduce(torch.stack(list(parts.values())), reduction="mean").tolist()))
         out["loss"] = sum(self.feeds[[f.name for f in self.feeds].index(n)].weight * v for n, v in zip(names, reduced))
         out["samples"], out["tokens"], out["lr"] = samples * self.world, tokens * self.world, lr
         if grad_norm is not None:

@@ -61,6 +61,18 @@ def test_a_resumed_run_can_add_a_decay_phase(corpus, tmp_path):
     assert [m["lr"] for m in logged] == pytest.approx([lr] * 4 + [lr, 0.75 * lr, 0.5 * lr, 0.25 * lr])
 
 
+def test_metrics_log_each_hinge_apart_from_the_next_token_loss(corpus, tmp_path):
+    raw = tiny_train_config(corpus, tmp_path / "run", **{"run.max_steps": 2})
+    raw["data"]["datasets"][0].update(image_contrast=0.5, query_contrast=1.0)
+    _trainer(raw).fit()
+    logged = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for m in logged:
+        assert {"nll/m3w", "hinge_image/m3w", "hinge_query/m3w"} <= set(m)
+        assert not any(k.endswith("/ltip") and not k.startswith("loss/") for k in m)  # no hinge: only its loss
+        assert m["loss/m3w"] == pytest.approx(m["nll/m3w"] + 0.5 * m["hinge_image/m3w"] + m["hinge_query/m3w"], rel=1e-5)
+        assert m["hinge_image/m3w"] >= 0 and m["hinge_query/m3w"] >= 0
+
+
 def test_lazy_feature_cache_stores_only_what_batches_used(tmp_path):
     corpus = write_corpus(tmp_path / "c")
     raw = tiny_train_config(corpus, tmp_path / "run", **{"run.max_steps": 1, "data.precompute_features": False})

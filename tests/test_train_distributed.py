@@ -1,6 +1,7 @@
 """Two processes on CPU (DDP over gloo): both ranks end with identical weights."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -26,7 +27,9 @@ SCRIPT = textwrap.dedent("""
     from tests.train_fixtures import tiny_train_config
 
     corpus, run = sys.argv[1], sys.argv[2]
-    cfg = parse_train_config(tiny_train_config(corpus, run, **{{"run.max_steps": 3, "run.save_every": 2}}))
+    raw = tiny_train_config(corpus, run, **{{"run.max_steps": 3, "run.save_every": 2}})
+    raw["data"]["datasets"][0].update(image_contrast=0.5, query_contrast=1.0)  # hinges, logged apart on both ranks
+    cfg = parse_train_config(raw)
     t = Trainer(cfg, model=tiny_model(seed=0), resume=False)
     assert t.world == 2, t.world
     t.fit()
@@ -68,3 +71,5 @@ def test_two_process_ddp_ranks_end_identical(tmp_path):
     firsts = sorted((run / f"first-{r}.txt").read_text() for r in (0, 1))
     assert len(firsts) == 2 and firsts[0] != firsts[1]
     assert (run / "checkpoints" / "step-2" / "rank-1.pt").is_file() and (run / "model" / "flamingo.safetensors").is_file()
+    logged = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 3 and all({"nll/m3w", "hinge_image/m3w", "hinge_query/m3w"} <= set(m) for m in logged)

@@ -271,6 +271,8 @@ def test_query_contrast_pays_only_for_the_text_after_the_last_picture():
     # every picture of a row the same: the swap changes nothing and the hinge pays its margin
     same = feats[:, :1].expand(-1, 3, -1, -1, -1)
     assert torch.allclose(loss_fn(*args, features=same, query_contrast=1.0) - loss_fn(*args, features=same), torch.tensor(2.0), atol=1e-4)
+    loss, parts = loss_fn(*args, features=same, query_contrast=1.0, return_parts=True)
+    assert parts["hinge_query"] == pytest.approx(2.0, abs=1e-4) and parts["nll"] == pytest.approx(loss_fn(*args, features=same).item(), abs=1e-5)
     hinged = loss_fn(*args, features=feats, query_contrast=1.0)
     assert hinged > plain
     hinged.backward()
@@ -278,6 +280,8 @@ def test_query_contrast_pays_only_for_the_text_after_the_last_picture():
     one = _captions(model, ["<image>A dax.<EOC>", "<image>A wug.<EOC>"])
     one_args = (one[0].input_ids, one[0].attention_mask, one[1])
     assert loss_fn(*one_args, features=feats[:, :1], query_contrast=1.0) == loss_fn(*one_args, features=feats[:, :1])  # no earlier picture: no hinge
+    _, parts = loss_fn(*one_args, features=feats[:, :1], query_contrast=1.0, return_parts=True)
+    assert parts["hinge_query"] == 0 and set(parts) == {"nll", "hinge_query"}  # the key is there all the same
 
 
 def test_position_questions_file(tmp_path):
