@@ -24,6 +24,9 @@ def plot_metrics(metrics: str | Path, out: str | Path) -> Path | None:
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, label="objective (weighted sum)" if k == "loss" else k[5:], lw=2 if k == "loss" else 1)
+    for k in sorted({k for r in rows for k in r if k.startswith("hinge_")}):  # each hinge, unweighted, dotted
+        xs, ys = zip(*[(r["step"], r[k]) for r in rows if k in r])
+        ax.plot(xs, ys, label=k.replace("hinge_", "hinge ", 1), lw=1, ls=":")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

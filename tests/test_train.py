@@ -71,6 +71,9 @@ def test_metrics_log_each_hinge_apart_from_the_next_token_loss(corpus, tmp_path)
         assert not any(k.endswith("/ltip") and not k.startswith("loss/") for k in m)  # no hinge: only its loss
         assert m["loss/m3w"] == pytest.approx(m["nll/m3w"] + 0.5 * m["hinge_image/m3w"] + m["hinge_query/m3w"], rel=1e-5)
         assert m["hinge_image/m3w"] >= 0 and m["hinge_query/m3w"] >= 0
+    from engine.train_plot import plot_metrics
+
+    assert plot_metrics(tmp_path / "run" / "metrics.jsonl", tmp_path / "curve.png").stat().st_size > 0  # hinges drawn dotted
 
 
 def test_lazy_feature_cache_stores_only_what_batches_used(tmp_path):
