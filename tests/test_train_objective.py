@@ -296,6 +296,27 @@ def test_position_questions_file(tmp_path):
     assert [r["text"] for r in got] == ["<image>1<EOC>", "<image>3<EOC>"]
 
 
+def test_hard_naming_episodes_show_the_query_concept_once_and_first(tmp_path):
+    import json
+
+    from engine.data.prepare import hard_episode, write_hard_naming
+
+    names = {"a": "dax", "b": "wug", "c": "fep"}
+    concepts = ["b", "a", "c", "a", "b", "a"]  # the last is the query
+    episode = {"media": [f"{i}.png" for i in range(6)], "concepts": concepts,
+               "text": "".join(f"<image>A {names[c]} ({i}).<EOC>" for i, c in enumerate(concepts))}
+    hard = hard_episode(episode)
+    assert hard["concepts"] == ["a", "b", "c", "b", "a"]
+    assert hard["media"] == ["1.png", "0.png", "2.png", "4.png", "5.png"]
+    assert hard["text"] == "<image>A dax (1).<EOC><image>A wug (0).<EOC><image>A fep (2).<EOC><image>A wug (4).<EOC><image>A dax (5).<EOC>"
+    assert hard_episode(dict(episode, concepts=["b", "c", "b", "c", "b", "a"])) is None  # no example of the query
+    (tmp_path / "naming.train.jsonl").write_text(json.dumps(episode) + "\n")
+    assert write_hard_naming(tmp_path, fraction=0.0) == 0
+    assert json.loads((tmp_path / "naming_hard.train.jsonl").read_text()) == episode
+    assert write_hard_naming(tmp_path, fraction=1.0) == 1
+    assert json.loads((tmp_path / "naming_hard.train.jsonl").read_text()) == hard
+
+
 def test_lr_schedule_warms_up_holds_then_decays_to_zero():
     from engine.train import lr_schedule
 

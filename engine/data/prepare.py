@@ -4,7 +4,9 @@
 
 writes `<kind>.subset.train.jsonl` (the first N records of each train file, so the frozen-feature
 cache holds only what training will read), `vqa.position.train.jsonl` (the position questions of
-the full VQA file, for configs/experiment_positions.yaml) and `chat.train.jsonl`, the
+the full VQA file, for configs/experiment_positions.yaml), `naming_hard.train.jsonl` (the
+naming episodes with half of them made hard, for configs/experiment_hard_naming.yaml) and
+`chat.train.jsonl`, the
 chat-formatted records derived from the image subsets (engine/data/chat_records.py), which reuse
 their media.
 """
@@ -13,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 from pathlib import Path
 
+from .templates import MEDIA
 from .chat_records import build_chat_file
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,39 @@ def write_position_questions(corpus: Path) -> int:
     return len(lines)
 
 
+def hard_episode(record: dict) -> dict | None:
+    """A naming episode rewritten so that the query's concept has one example, shown first (the
+    farthest from the query), the other examples after it in their order; None when the query's
+    concept has no example. The built-in model's misses lean towards names shown more often or
+    more recently than the right one (assets/model/README.md, recipe item 10)."""
+    chunks = record["text"].split(MEDIA)[1:]
+    concepts = record["concepts"]
+    if not len(chunks) == len(record["media"]) == len(concepts):
+        raise ValueError(f"a naming episode's text, media and concepts disagree: {record['text'][:80]!r}")
+    query, support = concepts[-1], range(len(chunks) - 1)
+    mine = [i for i in support if concepts[i] == query]
+    if not mine:
+        return None
+    order = mine[:1] + [i for i in support if concepts[i] != query] + [len(chunks) - 1]
+    return dict(record, media=[record["media"][i] for i in order], concepts=[concepts[i] for i in order],
+                text="".join(MEDIA + chunks[i] for i in order))
+
+
+def write_hard_naming(corpus: Path, fraction: float = 0.5, seed: int = 0) -> int:
+    """naming.train.jsonl -> naming_hard.train.jsonl with `fraction` of the episodes rewritten by
+    `hard_episode` (the rest as they are); returns how many were rewritten."""
+    rng, out, changed = random.Random(seed), [], 0
+    with (corpus / "naming.train.jsonl").open() as f:
+        for line in f:
+            record = json.loads(line)
+            hard = hard_episode(record)
+            if hard is not None and rng.random() < fraction:
+                record, changed = hard, changed + 1
+            out.append(json.dumps(record))
+    (corpus / "naming_hard.train.jsonl").write_text("\n".join(out) + "\n")
+    return changed
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.data.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=Path("corpus"))
@@ -57,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     counts = write_subsets(args.corpus, {k: getattr(args, k) for k in FILES})
     counts["vqa_position"] = write_position_questions(args.corpus)
+    if (args.corpus / "naming.train.jsonl").is_file():
+        counts["naming_hard"] = write_hard_naming(args.corpus, seed=args.seed)
     _, tokenizer = load_lm(args.lm)
     add_flamingo_tokens(tokenizer)
     # Videos stay out of the chat records: a training batch holds one media kind (frames per item).
