@@ -49,6 +49,18 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x)) else None
 
 
+# The curves of a panel: (score key, its spread over seeds or None, line style, legend label).
+CURVES = (
+    ("score", "std", {"marker": "o"}, "model"),
+    ("calibrated_score", "calibrated_std", {"marker": "s", "linestyle": ":"}, "calibrated"),
+    ("blind_score", "blind_std", {"marker": "x", "linestyle": "--", "color": "tab:red"}, "image-blind"),
+    ("prototype_score", None, {"marker": "d", "linestyle": "-.", "color": "tab:purple"}, "vision-only prototype"),
+    ("token_prototype_score", None, {"marker": "v", "linestyle": "-.", "color": "tab:brown"}, "visual-token prototype"),
+    ("copy_score", None, {"marker": "*", "linestyle": ":", "color": "tab:olive"}, "query = copy of an example"),
+    ("reference_score", None, {"marker": "^", "linestyle": "--", "color": "tab:green"}, "bare LM"),
+)
+
+
 def plot_results(payload: dict, path: str | Path) -> Path:
     import matplotlib
 
@@ -69,27 +81,12 @@ def plot_results(payload: dict, path: str | Path) -> Path:
             pts = [(x, y, e) for x, y, e in zip(xs, ys, errs) if y is not None]
             return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
 
-        x, y, e = series("score", "std")
-        if x:
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=4, label="model")
-        x, y, e = series("calibrated_score", "calibrated_std")
-        if x:
-            ax.errorbar(x, y, yerr=e, marker="s", linestyle=":", capsize=4, label="calibrated")
-        x, y, e = series("blind_score", "blind_std")
-        if x:
-            ax.errorbar(x, y, yerr=e, marker="x", linestyle="--", capsize=4, color="tab:red", label="image-blind")
-        x, y, e = series("prototype_score")
-        if x:
-            ax.plot(x, y, marker="d", linestyle="-.", color="tab:purple", label="vision-only prototype")
-        x, y, e = series("token_prototype_score")
-        if x:
-            ax.plot(x, y, marker="v", linestyle="-.", color="tab:brown", label="visual-token prototype")
-        x, y, e = series("copy_score")
-        if x:
-            ax.plot(x, y, marker="*", linestyle=":", color="tab:olive", label="query = copy of an example")
-        x, y, e = series("reference_score")
-        if x:
-            ax.plot(x, y, marker="^", linestyle="--", color="tab:green", label="bare LM")
+        for key, std_key, style, label in CURVES:
+            x, y, e = series(key, std_key)
+            if x and std_key:
+                ax.errorbar(x, y, yerr=e, capsize=4, label=label, **style)
+            elif x:
+                ax.plot(x, y, label=label, **style)
         for key, label in (("chance", "chance"), ("majority_baseline", "majority answer")):
             vals = [_num(r.get(key)) for r in rows if _num(r.get(key)) is not None]
             if vals:
