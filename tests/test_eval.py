@@ -316,6 +316,25 @@ def test_cli_rices_selection(corpus, tmp_path):
     _check_report(out, "classify", [0, 4], ["accuracy"])
 
 
+def test_cli_order_ensemble_keeps_the_drawn_order_as_first_order_score(corpus, tmp_path):
+    args = ["--model", "tiny", "--task", "classify", "--shots", "3", "--seeds", "2", "--limit", "3", "--way", "3",
+            "--data", str(corpus), "--no-progress"]
+    assert _run_cli([*args, "--out", str(tmp_path / "one.json")]) == 0
+    assert _run_cli([*args, "--orders", "3", "--out", str(tmp_path / "three.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    three = json.loads((tmp_path / "three.json").read_text())
+    assert three["settings"]["orders"] == 3 and "first_order_score" not in one["results"][0]
+    row1, row3 = one["results"][0], three["results"][0]
+    assert row3["orders"] == 3
+    # the same episodes: the ensemble's first order is the drawn one, scored as with --orders 1
+    assert row3["first_order_score"] == pytest.approx(row1["score"])
+    assert row3["prototype_score"] == pytest.approx(row1["prototype_score"])
+    for key in ("score", "blind_score", "calibrated_score", "normalized_score", "copy_score"):
+        assert 0.0 <= row3[key] <= 1.0
+    # RICES fixes the order (the most similar last): an ensemble over orders is refused
+    assert _run_cli([*args, "--orders", "3", "--selection", "rices", "--out", str(tmp_path / "r.json")]) == 2
+
+
 def test_cli_text_check(tmp_path):
     out = tmp_path / "text.json"
     assert _run_cli(["--model", "tiny", "--task", "text", "--limit", "3", "--max-new-tokens", "5", "--out", str(out), "--no-progress"]) == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.eval import metrics as M
-from engine.eval.shots import Rices, prototype_pick, random_support, spread_over_classes
+from engine.eval.shots import Rices, prototype_pick, random_support, spread_over_classes, support_orders
 from engine.eval.scoring import calibrate
 
 
@@ -104,6 +104,20 @@ def test_random_support_is_seeded_nested_and_never_repeats():
     assert len(set(a)) == 8 and b == a[:4]
     assert random_support(pool, 8, random.Random("t"), max_k=32) != a
     assert random_support([1, 2], 5, random.Random(0)) in ([1, 2], [2, 1])
+
+
+def test_support_orders_keep_the_drawn_order_first_and_are_distinct_permutations():
+    sup = [7, 3, 9, 1, 4, 8, 2, 6]
+    orders = support_orders(sup, 6, random.Random(0))
+    assert len(orders) == 6 and orders[0] == sup
+    assert all(sorted(o) == sorted(sup) for o in orders)
+    assert len({tuple(o) for o in orders}) == 6
+    assert orders == support_orders(sup, 6, random.Random(0))  # seeded
+    assert sorted(map(tuple, support_orders([1, 2], 5, random.Random(1)))) == [(1, 2), (2, 1)]  # only 2! exist
+    assert support_orders([], 3, random.Random(0)) == [[]]
+    assert support_orders(sup, 1, random.Random(0)) == [sup]
+    with pytest.raises(ValueError):
+        support_orders(sup, 0, random.Random(0))
 
 
 @pytest.mark.parametrize("k, n", [(0, 5), (4, 5), (5, 5), (8, 5), (12, 5), (32, 5), (3, 2)])

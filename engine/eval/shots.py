@@ -7,12 +7,15 @@
   is closest to the query's by cosine similarity, ordered with the MOST similar LAST, nearest to
   the query in the prompt.
 * spread_over_classes: k shots of an N-way episode spread as evenly as possible over the classes.
+* support_orders: the same support in several orders, for an order ensemble (a small LM reading a
+  few-shot prompt leans toward the labels shown last; averaging over orders evens that out).
 * prototype_pick: the vision-only answer to an N-way episode (the class whose support examples'
   mean embedding is closest to the query's), the control that says how much of a naming task
   the frozen tower's features alone already solve.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -38,6 +41,21 @@ def spread_over_classes(k: int, classes: Sequence, rng: random.Random) -> dict:
     base, extra = divmod(k, len(classes))
     lucky = set(rng.sample(range(len(classes)), extra))
     return {c: base + (1 if i in lucky else 0) for i, c in enumerate(classes)}
+
+
+def support_orders(support: Sequence[int], n: int, rng: random.Random) -> list[list[int]]:
+    """n orders of `support`: the given one first, then shuffles, each new while new ones remain
+    (a support of k items has k! orders; fewer than n when k! < n)."""
+    if n < 1:
+        raise ValueError(f"the number of orders must be >= 1, got {n}")
+    orders = [list(support)]
+    possible = math.factorial(len(support))
+    while len(orders) < min(n, possible):
+        order = list(support)
+        rng.shuffle(order)
+        if order not in orders:
+            orders.append(order)
+    return orders
 
 
 class Rices:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..data import templates as T
 from ..data.names import with_article
@@ -33,7 +34,7 @@ from .datasets import subset
 from .scoring import (MediaBank, calibrate, decode_text, encode_text, greedy_generate, greedy_generate_lm,
                       greedy_generate_variants, pick,
                       score_continuations)
-from .shots import Rices, prototype_pick, random_support, spread_over_classes
+from .shots import Rices, prototype_pick, random_support, spread_over_classes, support_orders
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class EvalSettings:
     max_new_tokens: int | None = None  # default per task
     turns: int = 3  # dialogue: questions per dialogue
     history: str = "own"  # dialogue: "own" answers or the "reference" answers as history
+    orders: int = 1  # classify / recognize: rank by the mean over this many orders of the support
     progress: bool = True
 
     def check(self) -> None:
@@ -80,6 +82,10 @@ class EvalSettings:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
         if self.turns < 2:
             raise ValueError(f"dialogue turns must be at least 2, got {self.turns}")
+        if self.orders < 1:
+            raise ValueError(f"--orders must be at least 1, got {self.orders}")
+        if self.orders > 1 and self.selection == "rices":
+            raise ValueError("--orders > 1 needs --selection random: RICES fixes the order (the most similar last)")
         if self.history not in ("own", "reference"):
             raise ValueError(f"dialogue history must be 'own' or 'reference', got {self.history!r}")
 
@@ -392,7 +398,10 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
       (the resampler's output, what the LM reads);
     - `copy_score`: the model's accuracy when the query picture is replaced by an exact copy of
       the last example of its class (over the queries whose class has one): the ceiling of the
-      LM's reading when matching pictures is trivial."""
+      LM's reading when matching pictures is trivial.
+    With `settings.orders` > 1 (random selection) each episode ranks by the mean over that many
+    orders of its support (an order ensemble against the pull toward the names shown last), and
+    the row adds `first_order_score`: the drawn order alone, as with one order."""
     r = Runner(model, items, settings, task, bank)
     labels = [str(it["label"]) for it in items]
     classes = sorted(set(labels))
@@ -435,6 +444,8 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
         controls = {f"{key}_score": M.mean(per_seed[key]) for key in ("prototype", "token_prototype") if key in per_seed}
         if "copy" in pooled:
             controls.update(copy_score=M.mean(pooled["copy"]), copy_n=len(pooled["copy"]))
+        if "first_order" in per_seed:
+            controls.update(orders=settings.orders, first_order_score=M.mean(per_seed["first_order"]))
         results.append(_row(k, "accuracy", per_seed["raw"], len(queries), per_seed["blind"],
                             calibrated_score=M.mean(per_seed["calibrated"]), calibrated_std=M.std(per_seed["calibrated"]),
                             calibrated_seeds=per_seed["calibrated"], normalized_score=M.mean(per_seed["normalized"]),
@@ -450,34 +461,49 @@ def _score_naming_episode(r: Runner, qi: int, cands: list[str], sup: list[int], 
     """Ranks the candidates' names after the support examples and the query picture. Returns
     {"hits": {outcome: 1.0 right / 0.0 wrong}, "n_y": examples of the query's class, "sample": ...};
     outcomes raw, calibrated, blind and normalized, and with examples the controls prototype,
-    token_prototype and (when the query's class has one) copy."""
+    token_prototype and (when the query's class has one) copy. With `settings.orders` > 1 every
+    outcome ranks by the mean over that many orders of the support (log-probabilities normalised
+    over the candidates), and `first_order` keeps the drawn order's raw outcome."""
+    y = labels[qi]
+    conts = [r.tokens(naming_continuation(c)) for c in cands]
+    orders = support_orders(sup, r.settings.orders, random.Random(f"orders:{qi}:{sup}"))
+    per_order = [_naming_scores(r, qi, order, conts, labels) for order in orders]
+    scores = {key: torch.stack([o[key] for o in per_order]).mean(0) for key in per_order[0]}
+    gold = cands.index(y)
+    preds = {key: pick(v, rng) for key, v in scores.items()}
+    hits = {key: float(p == gold) for key, p in preds.items()}
+    if len(orders) > 1:
+        hits["first_order"] = float(pick(per_order[0]["raw"], rng) == gold)
+    if sup:  # vision-only controls: the nearest class mean of the examples' tower embeddings,
+        # and of their visual tokens (what is lost in the resampler vs. in the LM's reading)
+        hits["prototype"] = _prototype_hit(r.embeddings, qi, sup, cands, labels, gold)
+        hits["token_prototype"] = _prototype_hit(r.token_embeddings, qi, sup, cands, labels, gold)
+    sample = {"candidates": cands, "prediction": cands[preds["raw"]], "calibrated_prediction": cands[preds["calibrated"]],
+              "blind_prediction": cands[preds["blind"]], "logprobs": [round(float(x), 4) for x in scores["raw"]]}
+    return {"hits": hits, "n_y": sum(labels[j] == y for j in sup), "sample": sample}
+
+
+def _naming_scores(r: Runner, qi: int, sup: Sequence[int], conts: list[list[int]], labels: Sequence[str]) -> dict[str, torch.Tensor]:
+    """(C,) log-probabilities of the candidates, normalised over them, after the support in this
+    order and the query: raw, calibrated (contextual calibration), normalized (per token, so long
+    names are not penalised), blind (blank pictures) and, when the query's class has an example,
+    copy (the query picture replaced by a copy of that class's last example)."""
     items, y = r.items, labels[qi]
     chunks = [(items[j]["media"], naming_example(labels[j])) for j in sup]
     n_query = len(items[qi]["media"])
     chunks.append((items[qi]["media"], MEDIA * n_query + NAMING_PREFIX))
     ids, paths = r.prompt(chunks)
-    conts = [r.tokens(naming_continuation(c)) for c in cands]
     same = [j for j in sup if labels[j] == y and len(items[j]["media"]) == n_query]
     variants = [r.real(paths), r.content_free(paths, n_query)]
-    if same:  # the query picture replaced by a copy of the last example of its class
-        variants.append(r.real(paths[:-n_query]) + r.real(items[same[-1]]["media"]))
-    s = score_continuations(r.model, ids, variants, conts)
-    b = score_continuations(r.model, ids, [r.blind(paths)], conts)
-    gold = cands.index(y)
-    pred, pred_cal, pred_blind = pick(s[0], rng), pick(calibrate(s[0], s[1]), rng), pick(b[0], rng)
-    # length-normalised: mean log-probability per token, so long names are not penalised
-    pred_norm = pick(s[0] / torch.tensor([len(c) for c in conts], dtype=s[0].dtype, device=s[0].device), rng)
-    hits = {"raw": float(pred == gold), "calibrated": float(pred_cal == gold), "blind": float(pred_blind == gold),
-            "normalized": float(pred_norm == gold)}
-    if sup:  # vision-only controls: the nearest class mean of the examples' tower embeddings,
-        # and of their visual tokens (what is lost in the resampler vs. in the LM's reading)
-        hits["prototype"] = _prototype_hit(r.embeddings, qi, sup, cands, labels, gold)
-        hits["token_prototype"] = _prototype_hit(r.token_embeddings, qi, sup, cands, labels, gold)
     if same:
-        hits["copy"] = float(pick(s[2], rng) == gold)
-    sample = {"candidates": cands, "prediction": cands[pred], "calibrated_prediction": cands[pred_cal],
-              "blind_prediction": cands[pred_blind], "logprobs": [round(float(x), 4) for x in s[0]]}
-    return {"hits": hits, "n_y": sum(labels[j] == y for j in sup), "sample": sample}
+        variants.append(r.real(paths[:-n_query]) + r.real(items[same[-1]]["media"]))
+    s = score_continuations(r.model, ids, variants, conts).float()
+    b = score_continuations(r.model, ids, [r.blind(paths)], conts).float()
+    lengths = torch.tensor([len(c) for c in conts], dtype=s.dtype, device=s.device)
+    out = {"raw": s[0], "calibrated": calibrate(s[0], s[1]), "blind": b[0], "normalized": s[0] / lengths}
+    if same:
+        out["copy"] = s[2]
+    return {key: F.log_softmax(v, dim=-1) for key, v in out.items()}
 
 
 def _prototype_hit(embed, qi: int, sup: Sequence[int], cands: Sequence[str], labels: Sequence[str], gold: int) -> float:
