@@ -50,6 +50,10 @@ class ResamplerConfig:
 @dataclass
 class CrossAttentionConfig:
     every_n_layers: int = 4  # a gated block before decoder layers n-1, 2n-1, ... (as OpenFlamingo)
+    # Explicit 0-based decoder layers with a gated block before them, in place of every_n_layers:
+    # lets a trained model take more blocks (with init_from + model_overrides, the new ones start
+    # closed, so the model's function is unchanged until they are trained).
+    layers: list[int] | None = None
     heads: int = 8
     dim_head: int = 64
     # Width of the gated dense layer; 0 leaves it out. Without a contrast term the dense layer

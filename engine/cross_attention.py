@@ -143,6 +143,10 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = FeedForward(dim, config.ff_mult) if config.ff_mult > 0 else None
         self.ff_gate = nn.Parameter(torch.zeros(1)) if self.ff is not None else None
 
+    def is_closed(self) -> bool:
+        """True while both gates are zero: the block then leaves its input unchanged."""
+        return not any(bool(g.any()) for g in (self.attn_gate, self.ff_gate) if g is not None)
+
     def project_into(self, media: MediaContext, block_id: int, like: torch.Tensor) -> None:
         """Fills media.kv[block_id] (and the per-row selection from it) once per context, on
         `like`'s device and dtype (moving is a no-op unless the LM is sharded over devices by

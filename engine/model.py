@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import FlamingoConfig
+from .config import CrossAttentionConfig, FlamingoConfig
 from .cross_attention import GatedCrossAttentionBlock, MediaContext, media_index_from_ids, sample_next_media
 from .lm import find_decoder_layers, load_lm
 from .resampler import PerceiverResampler
@@ -73,6 +73,20 @@ class FlamingoOutput:
     loss: torch.Tensor | None = None
 
 
+def gated_block_layers(cfg: CrossAttentionConfig, num_layers: int) -> list[int]:
+    """The decoder layers (0-based, ascending) that get a gated block before them: `cfg.layers`
+    when given, else every n-th (layers n-1, 2n-1, ...)."""
+    if cfg.layers is not None:
+        bad = [i for i in cfg.layers if not isinstance(i, int) or not 0 <= i < num_layers]
+        if bad or len(set(cfg.layers)) != len(cfg.layers):
+            raise ValueError(f"cross_attention.layers must be distinct layer indices in [0, {num_layers}), got {cfg.layers}")
+        return sorted(cfg.layers)
+    n = cfg.every_n_layers
+    if n < 1:
+        raise ValueError(f"cross_attention.every_n_layers must be >= 1, got {n}")
+    return [i for i in range(num_layers) if (i + 1) % n == 0]
+
+
 class FlamingoModel(nn.Module):
     def __init__(self, config: FlamingoConfig, lm: nn.Module, tokenizer, vision: VisionTower):
         super().__init__()
@@ -105,20 +119,15 @@ class FlamingoModel(nn.Module):
 
     def _insert_gated_blocks(self) -> list[int]:
         parent, attr, layers = find_decoder_layers(self.lm)
-        n = self.config.cross_attention.every_n_layers
-        if n < 1:
-            raise ValueError(f"cross_attention.every_n_layers must be >= 1, got {n}")
+        at = gated_block_layers(self.config.cross_attention, len(layers))
         dim = self.lm.get_input_embeddings().embedding_dim
-        wrapped, block_ids = [], []
+        wrapped = []
         for i, layer in enumerate(layers):
-            block = None
-            if (i + 1) % n == 0:
-                block = GatedCrossAttentionBlock(dim, self.resampler.dim, self.config.cross_attention)
-                block_ids.append(i)
+            block = GatedCrossAttentionBlock(dim, self.resampler.dim, self.config.cross_attention) if i in at else None
             wrapped.append(FlamingoDecoderLayer(layer, block, block_id=i))
         setattr(parent, attr, nn.ModuleList(wrapped))
         self._wrappers = wrapped  # a plain list: not registered twice
-        return block_ids
+        return at
 
     @property
     def gated_blocks(self) -> dict[int, GatedCrossAttentionBlock]:
@@ -262,12 +271,15 @@ class FlamingoModel(nn.Module):
 
     def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], allow_new_zeros: bool = False) -> None:
         """allow_new_zeros: weights the model has and `sd` lacks may stay as initialised when they
-        are all zero there (additions that leave the model's function unchanged, such as
-        spatial embeddings turned on for a trained model); anything else missing is an error."""
+        leave the model's function unchanged: all zero (such as spatial embeddings turned on for a
+        trained model), or a whole gated block that `sd` lacks, whose tanh gates start at zero
+        (more blocks for a trained model). Anything else missing is an error."""
         own = self.trainable_state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         if allow_new_zeros:
-            missing = [k for k in missing if bool(own[k].any())]
+            new_blocks = {f"gated_blocks.{i}." for i, block in self.gated_blocks.items()
+                          if not any(k.startswith(f"gated_blocks.{i}.") for k in sd) and block.is_closed()}
+            missing = [k for k in missing if bool(own[k].any()) and not k.startswith(tuple(new_blocks))]
         if missing or unexpected:
             raise ValueError(f"weights do not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():

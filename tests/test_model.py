@@ -300,6 +300,38 @@ def test_from_pretrained_overrides_turn_on_new_zero_weights(tmp_path):
         FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"cross_attention": {"every_n_layers": 2}})
 
 
+def test_more_gated_blocks_for_a_trained_model_start_closed(tmp_path):
+    """cross_attention.layers places blocks explicitly; a trained model given more of them keeps
+    its own blocks' weights and its function (the new ones start with closed gates)."""
+    model = tiny_model(gates=0.7, layers=[1])
+    assert sorted(model.gated_blocks) == [1]
+    lm_dir = tmp_path / "lm"
+    tiny_lm("llama", seed=0).save_pretrained(lm_dir)
+    tiny_tokenizer().save_pretrained(lm_dir)
+    model.config.lm = str(lm_dir)
+    model.save_pretrained(tmp_path / "flamingo")
+    more = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"cross_attention": {"layers": [0, 1]}})
+    assert sorted(more.gated_blocks) == [0, 1] and more.gated_blocks[0].is_closed() and not more.gated_blocks[1].is_closed()
+    assert torch.equal(more.gated_blocks[1].attn.to_q.weight, model.gated_blocks[1].attn.to_q.weight)
+    ids, pixels = _inputs(model)
+    with torch.no_grad():
+        assert torch.allclose(model(ids, model.encode_media(pixels)).logits, more(ids, more.encode_media(pixels)).logits, atol=1e-6)
+    # saved and reloaded, the placement comes back from the config
+    more.save_pretrained(tmp_path / "more")
+    assert sorted(FlamingoModel.from_pretrained(tmp_path / "more").gated_blocks) == [0, 1]
+    # a block the weights only partly cover is not new: an error, as is a block the weights lack without overrides
+    sd = more.trainable_state_dict()
+    partial = {k: v for k, v in sd.items() if k != "gated_blocks.0.attn.to_q.weight"}
+    with pytest.raises(ValueError, match="weights do not match"):
+        more.load_trainable_state_dict(partial, allow_new_zeros=True)
+    with pytest.raises(ValueError, match="weights do not match"):
+        more.load_trainable_state_dict(model.trainable_state_dict())
+    with pytest.raises(ValueError, match="distinct layer indices"):
+        tiny_model(layers=[0, 0])
+    with pytest.raises(ValueError, match="distinct layer indices"):
+        tiny_model(layers=[5])
+
+
 def test_global_features_start_at_zero_and_receive_gradient(tmp_path):
     """resampler.global_features adds a projection of the item's mean feature to every visual
     token: nothing changes until it is trained, and it is trainable from the first step."""
