@@ -14,6 +14,7 @@ Examples:
   python -m engine eval --model default --task classify --shots 0,4,8 --out runs/eval/classify.json
   python -m engine eval --model default --task caption --shots 0,4,8,16,32 --seeds 3 --limit 200 --out runs/eval/caption.json
   python -m engine eval --model PATH --task vqa --selection rices --out runs/eval/vqa_rices.json
+  python -m engine eval --model default --task classify --shots 8 --limit 200 --orders 6 --out runs/eval/classify_orders.json
   python -m engine eval --model default --task text --out runs/eval/text.json
 """
 from __future__ import annotations
