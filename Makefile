@@ -64,6 +64,7 @@ eval-default: $(APP_OK)
 	mkdir -p $(EVAL_OUT)
 	$(EVAL) --task classify  --shots 0,4,8 --seeds 1 --limit 60 --out $(EVAL_OUT)/classify.json
 	$(EVAL) --task classify  --shots 8 --seeds 3 --limit 200 --out $(EVAL_OUT)/classify_8shot_200.json
+	$(EVAL) --task classify  --shots 8 --seeds 3 --limit 200 --orders 6 --out $(EVAL_OUT)/classify_8shot_200_orders6.json
 	$(EVAL) --task recognize --limit 150 --out $(EVAL_OUT)/recognize.json
 	$(EVAL) --task vqa       --shots 0,4 --seeds 1 --limit 80 --out $(EVAL_OUT)/vqa.json
 	$(EVAL) --task video_qa  --shots 0 --limit 80 --out $(EVAL_OUT)/video_qa.json
