@@ -268,9 +268,9 @@ def test_config_rejects_unknown_keys():
         FlamingoConfig.from_dict({"resampler": {"depht": 2}})
 
 
-def _saved_tiny_model(tmp_path) -> FlamingoModel:
+def _saved_tiny_model(tmp_path, **cross_attention) -> FlamingoModel:
     """A tiny model saved under tmp_path/flamingo, its LM under tmp_path/lm (so it can be reloaded)."""
-    model = tiny_model(gates=0.7)
+    model = tiny_model(gates=0.7, **cross_attention)
     lm_dir = tmp_path / "lm"
     tiny_lm("llama", seed=0).save_pretrained(lm_dir)
     tiny_tokenizer().save_pretrained(lm_dir)
@@ -303,13 +303,8 @@ def test_from_pretrained_overrides_turn_on_new_zero_weights(tmp_path):
 def test_more_gated_blocks_for_a_trained_model_start_closed(tmp_path):
     """cross_attention.layers places blocks explicitly; a trained model given more of them keeps
     its own blocks' weights and its function (the new ones start with closed gates)."""
-    model = tiny_model(gates=0.7, layers=[1])
+    model = _saved_tiny_model(tmp_path, layers=[1])
     assert sorted(model.gated_blocks) == [1]
-    lm_dir = tmp_path / "lm"
-    tiny_lm("llama", seed=0).save_pretrained(lm_dir)
-    tiny_tokenizer().save_pretrained(lm_dir)
-    model.config.lm = str(lm_dir)
-    model.save_pretrained(tmp_path / "flamingo")
     more = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"cross_attention": {"layers": [0, 1]}})
     assert sorted(more.gated_blocks) == [0, 1] and more.gated_blocks[0].is_closed() and not more.gated_blocks[1].is_closed()
     assert torch.equal(more.gated_blocks[1].attn.to_q.weight, model.gated_blocks[1].attn.to_q.weight)
