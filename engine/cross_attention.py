@@ -16,6 +16,7 @@ from .config import CrossAttentionConfig
 from .layers import FeedForward, merge_heads, split_heads
 
 KV = tuple[torch.Tensor, torch.Tensor]
+GATE_NAMES = ("attn_gate", "ff_gate")  # GatedCrossAttentionBlock's tanh gates
 
 
 @dataclass

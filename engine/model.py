@@ -19,13 +19,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import CrossAttentionConfig, FlamingoConfig
-from .cross_attention import GatedCrossAttentionBlock, MediaContext, media_index_from_ids, sample_next_media
+from .cross_attention import GATE_NAMES, GatedCrossAttentionBlock, MediaContext, media_index_from_ids, sample_next_media
 from .lm import find_decoder_layers, load_lm
 from .resampler import PerceiverResampler
 from .tokens import add_flamingo_tokens
 from .vision import VisionTower, load_vision_tower
 
 log = logging.getLogger(__name__)
+
+NEW_BLOCK_INITS = ("random", "copy_nearest")
 
 WEIGHTS_NAME = "flamingo.safetensors"
 CONFIG_NAME = "flamingo_config.json"
@@ -269,17 +271,20 @@ class FlamingoModel(nn.Module):
             sd["new_token_output"] = self.new_token_output.data
         return sd
 
-    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], allow_new_zeros: bool = False) -> None:
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], allow_new_zeros: bool = False) -> list[int]:
         """allow_new_zeros: weights the model has and `sd` lacks may stay as initialised when they
         leave the model's function unchanged: all zero (such as spatial embeddings turned on for a
         trained model), or a whole gated block that `sd` lacks, whose tanh gates start at zero
-        (more blocks for a trained model). Anything else missing is an error."""
+        (more blocks for a trained model). Anything else missing is an error.
+        Returns the decoder layers of such new blocks."""
         own = self.trainable_state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        new_layers = []
         if allow_new_zeros:
-            new_blocks = {f"gated_blocks.{i}." for i, block in self.gated_blocks.items()
-                          if not any(k.startswith(f"gated_blocks.{i}.") for k in sd) and block.is_closed()}
-            missing = [k for k in missing if bool(own[k].any()) and not k.startswith(tuple(new_blocks))]
+            new_layers = [i for i, block in self.gated_blocks.items()
+                          if not any(k.startswith(f"gated_blocks.{i}.") for k in sd) and block.is_closed()]
+            new_prefixes = tuple(f"gated_blocks.{i}." for i in new_layers)
+            missing = [k for k in missing if bool(own[k].any()) and not k.startswith(new_prefixes)]
         if missing or unexpected:
             raise ValueError(f"weights do not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
@@ -287,6 +292,17 @@ class FlamingoModel(nn.Module):
                 if own[k].shape != v.shape:
                     raise ValueError(f"shape mismatch for {k}: model {tuple(own[k].shape)}, weights {tuple(v.shape)}")
                 own[k].copy_(v)
+        return new_layers
+
+    def copy_gated_block(self, source: int, target: int) -> None:
+        """Gives the closed block before decoder layer `target` the weights of the block before
+        layer `source`, gates excepted: it stays closed, so the model's function is unchanged."""
+        block = self.gated_blocks[target]
+        if not block.is_closed():
+            raise ValueError(f"the gated block before layer {target} is open; only a closed block may be overwritten")
+        weights = {k: v for k, v in self.gated_blocks[source].state_dict().items() if not k.endswith(GATE_NAMES)}
+        result = block.load_state_dict(weights, strict=False)
+        assert not result.unexpected_keys and all(k.endswith(GATE_NAMES) for k in result.missing_keys), result
 
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -310,9 +326,13 @@ class FlamingoModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32,
-                        overrides: dict | None = None) -> "FlamingoModel":
+                        overrides: dict | None = None, new_block_init: str = "random") -> "FlamingoModel":
         """overrides: config fields to change before loading (FlamingoConfig.with_overrides); the
-        saved weights must still fit, except new weights that start at zero."""
+        saved weights must still fit, except new weights that start at zero. Gated blocks the
+        overrides add start closed, with random weights or (new_block_init "copy_nearest") those
+        of the nearest saved block, the earlier one on a tie."""
+        if new_block_init not in NEW_BLOCK_INITS:
+            raise ValueError(f"new_block_init must be one of {', '.join(NEW_BLOCK_INITS)}, got {new_block_init!r}")
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file():
             raise ValueError(f"{directory} is not a saved Flamingo model (no {CONFIG_NAME})")
@@ -321,5 +341,11 @@ class FlamingoModel(nn.Module):
             config = config.with_overrides(overrides)
         model = cls.from_config(config, dtype)
         sd = load_file(directory / WEIGHTS_NAME)
-        model.load_trainable_state_dict({k: v.float() for k, v in sd.items()}, allow_new_zeros=bool(overrides))
+        new_layers = model.load_trainable_state_dict({k: v.float() for k, v in sd.items()}, allow_new_zeros=bool(overrides))
+        trained = [i for i in model.gated_blocks if i not in new_layers]
+        if new_block_init == "copy_nearest" and new_layers and trained:
+            for layer in new_layers:
+                model.copy_gated_block(min(trained, key=lambda t: (abs(t - layer), t)), layer)
+        if new_layers:
+            log.info("new closed gated blocks before layers %s (%s weights)", new_layers, new_block_init)
         return model

@@ -20,6 +20,7 @@ See configs/*.yaml for complete, commented examples.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import FlamingoConfig
+from .model import NEW_BLOCK_INITS
 from .data.readers import FORMATS, KINDS
 from .objective import STRATEGIES
 
@@ -77,6 +79,18 @@ class DataConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """Own learning rates for the trainable parameters whose names match `match` (a regular
+    expression searched in names like `gated_blocks.8.attn.to_q.weight`; see
+    FlamingoModel.trainable_state_dict): `lr` for the weights, `gate_lr` for the tanh gates.
+    None: the run's rate. E.g. new gated blocks added to a trained model learn faster than the
+    trained ones they join."""
+    match: str
+    lr: float | None = None
+    gate_lr: float | None = None
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     warmup_steps: int = 100
@@ -94,6 +108,9 @@ class OptimConfig:
     # in size; from 0.02 (time) or 0 (spatial) at `lr` they stay a few percent of the features
     # in a short run (the built-in model's time embeddings: 2%). None: the same as `lr`.
     embedding_lr: float | None = None
+    # Rates for parameters picked by name (ParamGroupConfig); the first group that matches a
+    # parameter wins; weight decay follows the usual rules.
+    groups: list[ParamGroupConfig] = field(default_factory=list)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -135,6 +152,11 @@ class TrainConfig:
     model: dict | None = None
     init_from: str | None = None
     model_overrides: dict | None = None  # with init_from (FlamingoModel.from_pretrained's overrides)
+    # Gated blocks the overrides add to a trained model start closed (tanh gates 0) either with
+    # random weights (random) or with a copy of the nearest trained block's weights (copy_nearest):
+    # at gate 0 only the gates learn, and their gradient is the block's output, which is noise
+    # for a random block.
+    new_block_init: str = "random"
     mode: str = "generative"  # generative | contrastive
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -257,6 +279,9 @@ def _validate(cfg: TrainConfig, where: str) -> None:
             FlamingoConfig().with_overrides(cfg.model_overrides)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: model_overrides: {e}") from e
+    _choice(cfg.new_block_init, NEW_BLOCK_INITS, f"{where}: new_block_init")
+    if cfg.new_block_init != "random" and cfg.model_overrides is None:
+        raise ValueError(f"{where}: new_block_init applies to blocks that model_overrides adds to init_from's model")
     if cfg.model is not None:
         try:
             FlamingoConfig.from_dict(cfg.model)
@@ -298,6 +323,13 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     for key in ("gate_lr", "embedding_lr"):
         if getattr(o, key) is not None and getattr(o, key) <= 0:
             raise ValueError(f"{where}: optim.{key} must be > 0 (or null for optim.lr), got {getattr(o, key)}")
+    for i, g in enumerate(o.groups):
+        try:
+            re.compile(g.match)
+        except re.error as e:
+            raise ValueError(f"{where}: optim.groups[{i}].match is not a regular expression: {e}") from e
+        if any(r is not None and r <= 0 for r in (g.lr, g.gate_lr)):
+            raise ValueError(f"{where}: optim.groups[{i}]: lr and gate_lr must be > 0 (or null)")
     if not 0 <= o.decay_steps <= cfg.run.max_steps:
         raise ValueError(f"{where}: optim.decay_steps must be in [0, run.max_steps={cfg.run.max_steps}], got {o.decay_steps}")
     r = cfg.run

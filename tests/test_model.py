@@ -327,6 +327,29 @@ def test_more_gated_blocks_for_a_trained_model_start_closed(tmp_path):
         tiny_model(layers=[5])
 
 
+def test_new_blocks_can_start_as_copies_of_the_nearest_trained_block(tmp_path):
+    """new_block_init copy_nearest: a new block gets the weights of the nearest saved block (the
+    earlier one on a tie) but keeps its gates at 0, so the model's function is still unchanged."""
+    model = _saved_tiny_model(tmp_path, layers=[0, 3])
+    more = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"cross_attention": {"layers": [0, 1, 2, 3]}},
+                                         new_block_init="copy_nearest")
+    blocks, saved = more.gated_blocks, model.gated_blocks
+    for new, source in ((1, 0), (2, 3)):
+        assert blocks[new].is_closed()
+        for (name, p), q in zip(blocks[new].named_parameters(), saved[source].parameters()):
+            if not name.endswith(("attn_gate", "ff_gate")):
+                assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name  # a copy, not shared
+    ids, pixels = _inputs(model)
+    with torch.no_grad():
+        assert torch.allclose(model(ids, model.encode_media(pixels)).logits, more(ids, more.encode_media(pixels)).logits, atol=1e-6)
+    random = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"cross_attention": {"layers": [0, 1, 2, 3]}})
+    assert not torch.equal(random.gated_blocks[1].attn.to_q.weight, saved[0].attn.to_q.weight)
+    with pytest.raises(ValueError, match="only a closed block"):
+        more.copy_gated_block(1, 0)  # block 0 is trained (open): never overwritten
+    with pytest.raises(ValueError, match="new_block_init"):
+        FlamingoModel.from_pretrained(tmp_path / "flamingo", new_block_init="nearest")
+
+
 def test_global_features_start_at_zero_and_receive_gradient(tmp_path):
     """resampler.global_features adds a projection of the item's mean feature to every visual
     token: nothing changes until it is trained, and it is trainable from the first step."""

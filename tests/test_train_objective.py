@@ -10,7 +10,7 @@ from engine.model import FlamingoModel
 from engine.objective import DatasetFeed, FlamingoLoss, step_plan
 from engine.testing import tiny_model
 from engine.train import Trainer, param_groups
-from engine.train_config import dataset_path, parse_train_config
+from engine.train_config import ParamGroupConfig, dataset_path, parse_train_config
 from tests.train_fixtures import tiny_train_config, write_corpus
 
 
@@ -115,7 +115,9 @@ def test_param_groups_decay_only_weight_matrices():
     nn_ = {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert any("to_kv" in n for n in dn) and any(n.endswith("ff.1.weight") for n in dn)
-    assert all(not any(k in n for k in ("gate", "latents", "time_embeddings", "new_token", "norm")) for n in dn)
+    assert any("gated_block" in n and n.endswith("attn.to_q.weight") for n in dn)  # the blocks' matrices decay too
+    assert all(not n.endswith(("attn_gate", "ff_gate")) for n in dn)
+    assert all(not any(k in n for k in ("latents", "time_embeddings", "new_token", "norm")) for n in dn)
     assert any("attn_gate" in n for n in nn_) and "resampler.latents" in nn_ and "new_token_embeddings" in nn_
     assert all("gated_block" in n for n in dn | nn_ if n.startswith("lm."))  # the frozen LM is not in the optimiser
 
@@ -131,6 +133,30 @@ def test_param_groups_give_gates_and_position_embeddings_their_rates():
     assert by_lr[1e-2] and all(n.endswith(("attn_gate", "ff_gate")) for n in by_lr[1e-2])
     plain = {names[id(p)] for g in groups if "lr" not in g for p in g["params"]}
     assert not plain & (by_lr[5e-3] | by_lr[1e-2]) and "resampler.latents" in plain
+
+
+def test_param_groups_by_name_give_chosen_blocks_their_own_rates():
+    """optim.groups: a gated block picked by its saved name (gated_blocks.<layer>.) learns at its
+    own rates (lr for its weights, gate_lr for its gates) with the usual decay rules; the other
+    groups keep their place first, so older checkpoints' optimiser states still fit."""
+    model = tiny_model(layers=[0, 2])
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = param_groups(model, 0.1, gate_lr=1e-2)
+    groups = param_groups(model, 0.1, gate_lr=1e-2, named=[ParamGroupConfig(match=r"^gated_blocks\.2\.", lr=3e-3, gate_lr=5e-2)])
+    own = [g for g in groups if g.get("lr") in (3e-3, 5e-2)]
+    own_names = {names[id(p)] for g in own for p in g["params"]}
+    block2 = {id(p) for p in model.gated_blocks[2].parameters()}
+    assert {id(p) for g in own for p in g["params"]} == block2
+    assert {names[id(p)] for g in own if g["lr"] == 5e-2 for p in g["params"]} == {n for n in own_names if n.endswith(("attn_gate", "ff_gate"))}
+    assert any(g["lr"] == 3e-3 and g["weight_decay"] == 0.1 for g in own)  # its matrices still decay
+    assert all(g["weight_decay"] == 0.0 for g in own if g["lr"] == 5e-2)
+    rest = groups[:len(groups) - len(own)]
+    assert [g.get("lr") for g in rest] == [g.get("lr") for g in plain] and not own_names & {names[id(p)] for g in rest for p in g["params"]}
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for g in plain for p in g["params"]}
+    # a group without its own gate rate gives its gates the run's gate_lr
+    half = param_groups(model, 0.1, gate_lr=1e-2, named=[ParamGroupConfig(match=r"^gated_blocks\.2\.", lr=3e-3)])
+    gates2 = {id(model.gated_blocks[2].attn_gate), id(model.gated_blocks[2].ff_gate)}
+    assert [g["lr"] for g in half if {id(p) for p in g["params"]} == gates2] == [1e-2]
 
 
 def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
@@ -166,6 +192,11 @@ def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
     ({"data": {"datasets": [{"name": "a", "path": "x", "kind": "pairs", "time_contrast": 1.0}]}}, "time_contrast needs frames to reverse"),
     ({"data": {"datasets": [{"name": "a", "path": "x", "kind": "pairs", "query_contrast": 1.0}]}}, "query_contrast needs several pictures"),
     ({"data": {"datasets": [{"name": "a", "path": "x", "query_contrast": -1.0}]}}, "query_contrast must be >= 0"),
+    ({"optim": {"groups": [{"match": "gated_blocks.(8"}]}}, r"optim.groups\[0\].match is not a regular expression"),
+    ({"optim": {"groups": [{"match": "x", "gate_lr": 0}]}}, r"optim.groups\[0\]: lr and gate_lr must be > 0"),
+    ({"optim": {"groups": [{"lr": 1e-3}]}}, r"missing key optim.groups\[0\].match"),
+    ({"new_block_init": "nearest"}, "new_block_init: 'nearest' is not one of random, copy_nearest"),
+    ({"new_block_init": "copy_nearest"}, "new_block_init applies to blocks that model_overrides adds"),
 ])
 def test_config_validation_names_the_bad_key(corpus, tmp_path, patch, message):
     raw = tiny_train_config(corpus, tmp_path)
