@@ -328,6 +328,18 @@ class Trainer:
         out["samples"], out["tokens"], out["lr"] = samples * self.world, tokens * self.world, lr
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
+        out.update(self.gate_values())
+        return out
+
+    def gate_values(self) -> dict[str, float]:
+        """tanh of each gated block's gates (`gate_attn/<layer>`, `gate_ff/<layer>`): how far each
+        block has opened (0 = the frozen LM's layer alone), the paper's Figure 6."""
+        model = self.accelerator.unwrap_model(self.loss_module).model
+        out = {}
+        for layer, block in getattr(model, "gated_blocks", {}).items():
+            for kind, gate in (("attn", block.attn_gate), ("ff", block.ff_gate)):
+                if gate is not None:
+                    out[f"gate_{kind}/{layer}"] = float(gate.detach().float().tanh().item())
         return out
 
     def should_stop(self, started: float) -> bool:
@@ -423,8 +435,9 @@ class Trainer:
         acc.wait_for_everyone()
 
     def plot(self) -> Path | None:
-        from .train_plot import plot_metrics
+        from .train_plot import plot_gates, plot_metrics
 
+        plot_gates(self.metrics_path, self.run_dir / "gates.png")
         return plot_metrics(self.metrics_path, self.run_dir / "loss.png")
 
 

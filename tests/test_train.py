@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from engine.checkpoint import list_checkpoints
 from engine.testing import tiny_model
@@ -34,6 +35,11 @@ def test_end_to_end_checkpoints_and_exact_resume(corpus, tmp_path):
     assert len(want) == 6 and all(l > 0 for l in want)
     assert [s for s, _ in list_checkpoints(full)] == [4, 6]  # keep_last 2
     assert (full / "model" / "flamingo.safetensors").is_file() and (full / "loss.png").is_file()
+    gates = {k: v for k, v in json.loads((full / "metrics.jsonl").read_text().splitlines()[-1]).items() if k.startswith("gate_")}
+    saved = load_file(full / "model" / "flamingo.safetensors")  # the final weights: the last step's gates
+    assert any(gates.values()) and gates == pytest.approx({f"gate_{k.split('.')[2][:-5]}/{k.split('.')[1]}": float(v.tanh())
+                                             for k, v in saved.items() if k.endswith("_gate")})
+    assert (full / "gates.png").stat().st_size > 0
     assert any((corpus / ".feature_cache").rglob("*.safetensors"))
 
     part = tmp_path / "part"
@@ -42,7 +48,6 @@ def test_end_to_end_checkpoints_and_exact_resume(corpus, tmp_path):
     assert t.step == 4
     t.fit()
     assert _losses(part) == want  # bit-identical trajectory
-    from safetensors.torch import load_file
 
     wa, wb = load_file(full / "model" / "flamingo.safetensors"), load_file(part / "model" / "flamingo.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
