@@ -55,6 +55,9 @@ class DatasetConfig:
     # with that picture than with the row's least similar earlier one (FlamingoLoss._with_contrast):
     # few-shot naming must read the query picture; costs another forward.
     query_contrast: float = 0.0
+    # Leave each made-up word's first mention out of the loss (corpus records' "new_words", or
+    # their "names" flagged "nonce"; engine/data/sampling.py): nothing can predict it.
+    mask_new_words: bool = False
     shuffle: bool = True
     image_dir: str | None = None  # coco / mmc4 / parquet: where the images are
     image_column: str | None = None  # parquet
@@ -305,6 +308,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
             raise ValueError(f"{at}: image_contrast, time_contrast and query_contrast must be >= 0")
         if ds.query_contrast > 0 and ds.kind != "interleaved":
             raise ValueError(f"{at}.query_contrast needs several pictures per sequence: kind interleaved, not {ds.kind}")
+        if ds.mask_new_words and ds.format != "corpus":
+            raise ValueError(f"{at}.mask_new_words reads the corpus format's new words, not {ds.format}")
         if ds.time_contrast > 0 and ds.kind != "video":
             raise ValueError(f"{at}.time_contrast needs frames to reverse: kind video, not {ds.kind}")
         if ds.max_tokens is None:

@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
-from engine.data.readers import Record
-from engine.data.sampling import IGNORE, SequenceSampler, cap_images, collate, make_labels, sample_window, stack_media
+from engine.data.readers import Record, read_corpus
+from engine.data.sampling import (IGNORE, SequenceSampler, cap_images, collate, first_mentions, make_labels, sample_window,
+                                  stack_media)
 from engine.testing import tiny_tokenizer
 from engine.tokens import add_flamingo_tokens
 
@@ -120,3 +121,50 @@ def test_sampler_rng_state_roundtrip():
     b = SequenceSampler(tok, media_id, "interleaved", max_tokens=32, seed=99)
     b.load_state_dict(state)
     assert [b(rec).input_ids for _ in range(3)] == want
+
+
+def test_first_mentions_mark_each_new_word_once_as_a_whole_word():
+    text = "<image>A zaxes.<EOC><image>Look, a zax!<EOC><image>Look, a zax!<EOC><image>A dorp.<EOC>"
+    tok = tiny_tokenizer()
+    add_flamingo_tokens(tok)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    hit = first_mentions(enc["offset_mapping"], text, ("zax", "dorp"))
+    marked = "".join(text[a:b] for (a, b), h in zip(enc["offset_mapping"], hit) if h)
+    assert marked.replace(" ", "") == "zaxdorp"  # not inside "zaxes", not the second "zax"
+    first_zax = text.index("a zax!") + 2
+    assert any(h and a <= first_zax < b for (a, b), h in zip(enc["offset_mapping"], hit))
+    # only tokens from `offsets` count: a word first mentioned before a window is new inside it
+    later = [(a, b) for a, b in enc["offset_mapping"] if a >= first_zax + 3]
+    assert "".join(text[a:b] for (a, b), h in zip(later, first_mentions(later, text, ("zax",))) if h).strip() == "zax"
+
+
+def test_sampler_leaves_new_words_first_mentions_out_of_the_labels():
+    tok = tiny_tokenizer()
+    media_id, _ = add_flamingo_tokens(tok)
+    text = "<image>Look, a zax!<EOC><image>Look, a dog!<EOC><image>Look, a zax!<EOC>"
+    rec = Record(["a.png", "b.png", "c.png"], text, "interleaved", new_words=("zax",))
+    plain = SequenceSampler(tok, media_id, "interleaved", max_tokens=256, seed=0)(rec)
+    masked = SequenceSampler(tok, media_id, "interleaved", max_tokens=256, seed=0, mask_new_words=True)(rec)
+    assert plain.input_ids == masked.input_ids and plain.media == masked.media and plain.no_loss is None
+    lp, lm = make_labels(plain.input_ids, media_id, plain.no_loss), make_labels(masked.input_ids, media_id, masked.no_loss)
+    dropped = [i for i, (a, b) in enumerate(zip(lp, lm)) if a != b]
+    assert tok.decode([masked.input_ids[i] for i in dropped]).strip() == "zax"  # the first zax only ...
+    assert dropped[-1] < masked.input_ids.index(media_id, dropped[-1])  # ... before the second picture
+    assert all(b == IGNORE for i, b in enumerate(lm) if i in dropped)
+    batch = collate([masked, plain], pad_id=0, media_token_id=media_id)
+    assert batch.labels[0].tolist()[:len(lm)] == lm and batch.labels[1].tolist()[:len(lp)] == lp
+    # pairs and records without new words are untouched
+    other = SequenceSampler(tok, media_id, "pairs", max_tokens=8, mask_new_words=True)(Record(["a.png"], "<image>a zax<EOC>", "pairs"))
+    assert other.no_loss is None
+
+
+def test_corpus_records_carry_their_made_up_words(tmp_path):
+    import json
+
+    (tmp_path / "a.png").write_bytes(b"")
+    rows = [{"media": ["a.png"], "text": "<image>a zax<EOC>", "names": {"zax": "bikini", "dog": "dog"}, "nonce": [True, False]},
+            {"media": ["a.png"], "text": "<image>a blick<EOC>", "new_words": ["blick"]},
+            {"media": ["a.png"], "text": "<image>a dog<EOC>"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = read_corpus(tmp_path / "d.jsonl")
+    assert [src[i].new_words for i in range(3)] == [("zax",), ("blick",), ()]

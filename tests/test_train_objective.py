@@ -195,6 +195,7 @@ def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
     ({"optim": {"groups": [{"match": "gated_blocks.(8"}]}}, r"optim.groups\[0\].match is not a regular expression"),
     ({"optim": {"groups": [{"match": "x", "gate_lr": 0}]}}, r"optim.groups\[0\]: lr and gate_lr must be > 0"),
     ({"optim": {"groups": [{"lr": 1e-3}]}}, r"missing key optim.groups\[0\].match"),
+    ({"data": {"datasets": [{"name": "a", "path": "x", "format": "coco", "mask_new_words": True}]}}, "mask_new_words reads the corpus format"),
     ({"new_block_init": "nearest"}, "new_block_init: 'nearest' is not one of random, copy_nearest"),
     ({"new_block_init": "copy_nearest"}, "new_block_init applies to blocks that model_overrides adds"),
 ])

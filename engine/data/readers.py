@@ -17,7 +17,10 @@ On-disk formats (``format:`` of a dataset in the training YAML):
         {"media": ["media/x.png", "media/y.png"], "text": "<image>A cat.<EOC> ... <image>A dog.<EOC>"}
 
     media paths are relative to the JSONL file's folder (absolute paths are kept), one
-    ``<image>`` marker per media item in order. Files: ``pairs.train.jsonl``,
+    ``<image>`` marker per media item in order. Optional ``"new_words": ["zax", ...]``: made-up
+    words the text introduces (the builder's naming documents give them as ``"names"`` with
+    ``"nonce"`` flags, read the same way); a dataset with ``mask_new_words`` leaves their
+    first mention out of the loss. Files: ``pairs.train.jsonl``,
     ``interleaved.train.jsonl``, ``naming.train.jsonl``, ``videos.train.jsonl`` (media are
     videos), ``vqa.train.jsonl``, and held-out ``*.test.jsonl``.
 ``coco`` -- COCO captions JSON (``captions_train2017.json``): ``images[].{id, file_name}`` and
@@ -57,6 +60,15 @@ class Record:
     media: list[Path]  # absolute paths, one per <image> marker in `text`
     text: str
     kind: str = "interleaved"
+    new_words: tuple[str, ...] = ()  # made-up words in `text`: nothing can predict their first mention
+
+
+def corpus_new_words(d: dict) -> tuple[str, ...]:
+    """A corpus record's made-up words: its "new_words", or the "names" flagged in "nonce"."""
+    if "new_words" in d:
+        return tuple(d["new_words"])
+    names, nonce = d.get("names") or {}, d.get("nonce") or []
+    return tuple(name for name, made_up in zip(names, nonce) if made_up)
 
 
 def pair_text(caption: str) -> str:
@@ -135,7 +147,7 @@ def read_corpus(path: str | Path, kind: str = "interleaved") -> JsonlSource:
         if kind != "interleaved" and MEDIA_TOKEN not in text and len(media) == 1:
             text = pair_text(text)
         _check_record(media, text, where)
-        return Record(media, text, kind)
+        return Record(media, text, kind, corpus_new_words(d))
 
     return JsonlSource(path, parse)
 
