@@ -140,10 +140,6 @@ def sample_window(ids: list[int], media: list, media_token_id: int, rng: random.
     return cap_images([ids[p] for p in window], media[first:], media_token_id, max_images)
 
 
-def truncate(ids: list[int], media: list, media_token_id: int, max_tokens: int, max_images: int) -> tuple[list[int], list]:
-    return cap_images(ids[:max_tokens], media, media_token_id, max_images)
-
-
 def cap_images(ids: list[int], media: list, media_token_id: int, max_images: int) -> tuple[list[int], list]:
     """Keeps the first `max_images` markers of `ids` (and as many media, in order); removes the
     markers after them. `media` starts at the first marker of `ids`."""
