@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import FlamingoConfig
-from .model import NEW_BLOCK_INITS
 from .data.readers import FORMATS, KINDS
+from .model import NEW_BLOCK_INITS
 from .objective import STRATEGIES
 
 DEFAULT_MAX_TOKENS = {"interleaved": 256, "pairs": 64, "video": 64}
