@@ -19,6 +19,12 @@ KV = tuple[torch.Tensor, torch.Tensor]
 GATE_NAMES = ("attn_gate", "ff_gate")  # GatedCrossAttentionBlock's tanh gates
 
 
+def block_key(layer: int) -> str:
+    """The prefix of the saved weights (flamingo.safetensors) of the gated block before decoder
+    layer `layer`."""
+    return f"gated_blocks.{layer}."
+
+
 @dataclass
 class MediaContext:
     """Per-call cross-attention inputs; created for each forward (or each generated turn).

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import CrossAttentionConfig, FlamingoConfig
-from .cross_attention import GATE_NAMES, GatedCrossAttentionBlock, MediaContext, media_index_from_ids, sample_next_media
+from .cross_attention import GATE_NAMES, GatedCrossAttentionBlock, block_key, MediaContext, media_index_from_ids, sample_next_media
 from .lm import find_decoder_layers, load_lm
 from .resampler import PerceiverResampler
 from .tokens import add_flamingo_tokens
@@ -265,7 +265,7 @@ class FlamingoModel(nn.Module):
         """The weights this model adds to the frozen LM and tower, under stable names."""
         sd = {f"resampler.{k}": v for k, v in self.resampler.state_dict().items()}
         for layer_id, block in self.gated_blocks.items():
-            sd.update({f"gated_blocks.{layer_id}.{k}": v for k, v in block.state_dict().items()})
+            sd.update({block_key(layer_id) + k: v for k, v in block.state_dict().items()})
         sd["new_token_embeddings"] = self.new_token_embeddings.data
         if self.new_token_output is not None:
             sd["new_token_output"] = self.new_token_output.data
@@ -282,8 +282,8 @@ class FlamingoModel(nn.Module):
         new_layers = []
         if allow_new_zeros:
             new_layers = [i for i, block in self.gated_blocks.items()
-                          if not any(k.startswith(f"gated_blocks.{i}.") for k in sd) and block.is_closed()]
-            new_prefixes = tuple(f"gated_blocks.{i}." for i in new_layers)
+                          if not any(k.startswith(block_key(i)) for k in sd) and block.is_closed()]
+            new_prefixes = tuple(block_key(i) for i in new_layers)
             missing = [k for k in missing if bool(own[k].any()) and not k.startswith(new_prefixes)]
         if missing or unexpected:
             raise ValueError(f"weights do not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+from .cross_attention import block_key
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def convert_state_dict(
     blocks, xattn_cfg = _convert_blocks(sd, every_n_layers)
     out: dict[str, torch.Tensor] = {f"resampler.{k}": v for k, v in resampler_sd.items()}
     for layer_id, block in blocks.items():
-        out.update({f"gated_blocks.{layer_id}.{k}": v for k, v in block.items()})
+        out.update({block_key(layer_id) + k: v for k, v in block.items()})
 
     ids = [media_token_id, eoc_token_id]  # our slots: 0 = media, 1 = EOC
     lang_dim = blocks[min(blocks)]["attn.to_q.weight"].shape[1]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .cross_attention import GATE_NAMES
+from .cross_attention import GATE_NAMES, block_key
 from .objective import DatasetFeed, FlamingoLoss, step_plan
 from .train_config import TrainConfig, dataset_path
 
@@ -51,7 +51,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, gate_lr: float | N
     named = named or []
     decay, no_decay, gates, embeddings = [], [], [], []
     own = [{"decay": [], "no_decay": [], "gates": []} for _ in named]
-    saved_names = {id(p): f"gated_blocks.{i}.{n}" for i, block in getattr(model, "gated_blocks", {}).items()
+    saved_names = {id(p): block_key(i) + n for i, block in getattr(model, "gated_blocks", {}).items()
                    for n, p in block.named_parameters()}
     for name, p in model.named_parameters():
         if not p.requires_grad:

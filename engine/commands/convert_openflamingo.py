@@ -76,6 +76,7 @@ def _param_name(module, param) -> str | None:
 
 def run(args) -> int:
     from ..config import VisionConfig
+    from ..cross_attention import block_key
     from ..lm import find_decoder_layers, load_lm
     from ..model import FlamingoModel
     from ..openflamingo import check_checkpoint, convert_state_dict, embedding_drift, load_checkpoint, openflamingo_token_ids
@@ -113,7 +114,7 @@ def run(args) -> int:
         raise ValueError(f"the checkpoint's resampler works at width {width} but the vision tower {args.vision!r} gives {vision.feature_dim}-d features; pass the tower it was trained with (--vision)")
     block_ids = sorted({int(k.split(".")[1]) for k in out if k.startswith("gated_blocks.")})
     lm_dim = lm.get_input_embeddings().embedding_dim
-    block_dim = out[f"gated_blocks.{block_ids[0]}.attn.to_q.weight"].shape[1]
+    block_dim = out[block_key(block_ids[0]) + "attn.to_q.weight"].shape[1]
     if block_dim != lm_dim:
         raise ValueError(f"the checkpoint's gated blocks expect an LM of width {block_dim} but {lm_ref!r} has width {lm_dim}; pass the LM it was trained with (--lm)")
     n_layers = len(find_decoder_layers(lm)[2])
