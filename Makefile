@@ -68,12 +68,12 @@ eval-default: $(APP_OK)
 	$(EVAL) --task classify  --shots 8 --seeds 3 --limit 200 --out $(EVAL_OUT)/classify_8shot_200.json
 	$(EVAL) --task classify  --shots 8 --seeds 3 --limit 200 --orders 6 --out $(EVAL_OUT)/classify_8shot_200_orders6.json
 	$(EVAL) --task recognize --limit 150 --out $(EVAL_OUT)/recognize.json
-	$(EVAL) --task vqa       --shots 0,4 --seeds 1 --limit 80 --out $(EVAL_OUT)/vqa.json
-	$(EVAL) --task video_qa  --shots 0 --limit 80 --out $(EVAL_OUT)/video_qa.json
-	$(EVAL) --task caption   --shots 0,4 --seeds 1 --limit 40 --out $(EVAL_OUT)/caption.json
-	$(EVAL) --task caption   --shots 0,4 --selection rices --limit 40 --out $(EVAL_OUT)/caption_rices.json
-	$(EVAL) --task caption   --shots 0,4 --seeds 1 --limit 40 --data $(CORPUS)/recognize.test.jsonl --out $(EVAL_OUT)/caption_seen.json
-	$(EVAL) --task dialogue  --shots 0 --limit 20 --out $(EVAL_OUT)/dialogue.json
+	$(EVAL) --task vqa       --shots 0,4 --seeds 1 --limit 200 --out $(EVAL_OUT)/vqa.json
+	$(EVAL) --task video_qa  --shots 0 --limit 200 --out $(EVAL_OUT)/video_qa.json
+	$(EVAL) --task caption   --shots 0,4 --seeds 1 --limit 120 --out $(EVAL_OUT)/caption.json
+	$(EVAL) --task caption   --shots 0,4 --selection rices --limit 120 --out $(EVAL_OUT)/caption_rices.json
+	$(EVAL) --task caption   --shots 0,4 --seeds 1 --limit 120 --data $(CORPUS)/recognize.test.jsonl --out $(EVAL_OUT)/caption_seen.json
+	$(EVAL) --task dialogue  --shots 0 --limit 50 --out $(EVAL_OUT)/dialogue.json
 	$(EVAL) --task text      --out $(EVAL_OUT)/text.json
 	$(PY) -m engine.eval.report $(EVAL_OUT)
 
