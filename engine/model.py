@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import CrossAttentionConfig, FlamingoConfig
-from .cross_attention import GATE_NAMES, GatedCrossAttentionBlock, block_key, MediaContext, media_index_from_ids, sample_next_media
+from .cross_attention import GATE_NAMES, GatedCrossAttentionBlock, MediaContext, block_key, media_index_from_ids, sample_next_media
 from .lm import find_decoder_layers, load_lm
 from .resampler import PerceiverResampler
 from .tokens import add_flamingo_tokens
