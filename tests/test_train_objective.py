@@ -328,6 +328,23 @@ def test_position_questions_file(tmp_path):
     assert [r["text"] for r in got] == ["<image>1<EOC>", "<image>3<EOC>"]
 
 
+def test_motion_questions_ask_what_the_test_clips_ask(tmp_path):
+    import json
+
+    from engine.data.prepare import write_motion_questions
+    from engine.eval.tasks import vqa_example
+
+    rows = [{"media": [f"{m}.mp4"], "text": f"<image>It {m}s.<EOC>", "motion": m, "label": "red kite"}
+            for m in ("left", "grow", "up", "still")]
+    (tmp_path / "videos.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert write_motion_questions(tmp_path) == 2
+    got = [json.loads(l) for l in (tmp_path / "videos_qa.train.jsonl").read_text().splitlines()]
+    assert [r["media"] for r in got] == [["left.mp4"], ["up.mp4"]]
+    assert [r["text"] for r in got] == ["<image>Question: Which way does the red kite move? Answer: left<EOC>",
+                                        "<image>Question: Which way does the red kite move? Answer: up<EOC>"]
+    assert got[0]["text"] == vqa_example("Which way does the red kite move?", "left")  # as the evaluation asks
+
+
 def test_hard_naming_episodes_show_the_query_concept_once_and_first(tmp_path):
     import json
 

@@ -4,7 +4,8 @@
 
 writes `<kind>.subset.train.jsonl` (the first N records of each train file, so the frozen-feature
 cache holds only what training will read), `vqa.position.train.jsonl` (the position questions of
-the full VQA file, for configs/experiment_positions.yaml), `naming_hard.train.jsonl` (the
+the full VQA file, for configs/experiment_positions.yaml), `videos_qa.train.jsonl` (the
+direction questions about the training clips, for configs/default_model_stage5.yaml), `naming_hard.train.jsonl` (the
 naming episodes with half of them made hard, for configs/experiment_hard_naming.yaml) and
 `chat.train.jsonl`, the
 chat-formatted records derived from the image subsets (engine/data/chat_records.py), which reuse
@@ -18,6 +19,7 @@ import logging
 import random
 from pathlib import Path
 
+from . import templates as T
 from .templates import MEDIA
 from .chat_records import build_chat_file
 
@@ -45,6 +47,21 @@ def write_position_questions(corpus: Path) -> int:
         lines = [line for line in f if json.loads(line).get("qtype") == "position"]
     (corpus / "vqa.position.train.jsonl").write_text("".join(lines))
     return len(lines)
+
+
+def write_motion_questions(corpus: Path) -> int:
+    """videos.train.jsonl's clips that move left, right, up or down, asked about as the test clips
+    are ("Question: Which way does the cat move? Answer: left") -> videos_qa.train.jsonl, on the
+    same frames; returns their number."""
+    out = []
+    with (corpus / FILES["videos"]).open() as f:
+        for line in f:
+            record = json.loads(line)
+            answer = T.DIRECTION_ANSWER.get(record.get("motion"))
+            if answer is not None:
+                out.append(json.dumps(dict(record, text=T.chunk(T.qa(T.motion_question(record["label"]), answer)))))
+    (corpus / "videos_qa.train.jsonl").write_text("".join(line + "\n" for line in out))
+    return len(out)
 
 
 def hard_episode(record: dict) -> dict | None:
@@ -94,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     counts = write_subsets(args.corpus, {k: getattr(args, k) for k in FILES})
     counts["vqa_position"] = write_position_questions(args.corpus)
+    counts["videos_qa"] = write_motion_questions(args.corpus)
     if (args.corpus / "naming.train.jsonl").is_file():
         counts["naming_hard"] = write_hard_naming(args.corpus, seed=args.seed)
     _, tokenizer = load_lm(args.lm)

@@ -379,7 +379,7 @@ def _video_record(ctx, rng, kind, i, cid, motion, train):
         rec["text"] = T.chunk(T.motion_caption(rng, label, motion))
     else:
         choices = ["left", "right", "up", "down"]
-        rec.update(question=f"Which way does the {label} move?",
+        rec.update(question=T.motion_question(label),
                    answers=[T.DIRECTION_ANSWER[motion]], choices=choices)
     rec.update(motion=motion, label=label, concept_id=cid, frames=n_frames, fps=VIDEO_FPS)
     return rec

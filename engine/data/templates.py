@@ -58,6 +58,14 @@ MOTION_CAPTIONS = {
     "disappear": ["{A} disappears.", "{A} vanishes.", "{A} goes away."],
 }
 DIRECTION_ANSWER = {"right": "right", "left": "left", "up": "up", "down": "down"}
+
+
+def motion_question(label: str) -> str:
+    """The video question of the corpus's test clips (and of the motion questions the built-in
+    model trains on)."""
+    return f"Which way does the {label} move?"
+
+
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
 
 
