@@ -5,11 +5,10 @@
 writes `<kind>.subset.train.jsonl` (the first N records of each train file, so the frozen-feature
 cache holds only what training will read), `vqa.position.train.jsonl` (the position questions of
 the full VQA file, for configs/experiment_positions.yaml), `videos_qa.train.jsonl` (the
-direction questions about the training clips, for configs/default_model_stage5.yaml), `naming_hard.train.jsonl` (the
-naming episodes with half of them made hard, for configs/experiment_hard_naming.yaml) and
-`chat.train.jsonl`, the
-chat-formatted records derived from the image subsets (engine/data/chat_records.py), which reuse
-their media.
+direction questions about the training clips, for configs/experiment_motion_mix.yaml),
+`naming_hard.train.jsonl` (the naming episodes with half of them made hard, for
+configs/experiment_hard_naming.yaml) and `chat.train.jsonl`, the chat-formatted records derived
+from the image subsets (engine/data/chat_records.py), which reuse their media.
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import random
 from pathlib import Path
 
 from . import templates as T
-from .templates import MEDIA
 from .chat_records import build_chat_file
 
 log = logging.getLogger(__name__)
@@ -69,7 +67,7 @@ def hard_episode(record: dict) -> dict | None:
     farthest from the query), the other examples after it in their order; None when the query's
     concept has no example. The built-in model's misses lean towards names shown more often or
     more recently than the right one (assets/model/README.md, recipe item 10)."""
-    chunks = record["text"].split(MEDIA)[1:]
+    chunks = record["text"].split(T.MEDIA)[1:]
     concepts = record["concepts"]
     if not len(chunks) == len(record["media"]) == len(concepts):
         raise ValueError(f"a naming episode's text, media and concepts disagree: {record['text'][:80]!r}")
@@ -79,7 +77,7 @@ def hard_episode(record: dict) -> dict | None:
         return None
     order = mine[:1] + [i for i in support if concepts[i] != query] + [len(chunks) - 1]
     return dict(record, media=[record["media"][i] for i in order], concepts=[concepts[i] for i in order],
-                text="".join(MEDIA + chunks[i] for i in order))
+                text="".join(T.MEDIA + chunks[i] for i in order))
 
 
 def write_hard_naming(corpus: Path, fraction: float = 0.5, seed: int = 0) -> int:
