@@ -474,3 +474,30 @@ def test_probe_reads_a_property_from_features_and_not_from_constants(tmp_path):
     assert result["tower_features"] == 1.0
     assert 0.0 <= result["visual_tokens"] <= 1.0
     assert main(["--model", str(tmp_path / "missing"), "--data", str(tmp_path / "probe.jsonl")]) == 2
+
+
+def test_order_similarity_is_one_without_time_embeddings_and_drops_with_them(tmp_path):
+    from engine.eval.order import main, order_similarity
+    from engine.testing import tiny_model
+
+    (tmp_path / "media").mkdir()
+    for i, (colour, direction) in enumerate([("red", "right"), ("blue", "left"), ("green", "right")]):
+        _video(tmp_path / f"media/{i}.gif", colour, direction)
+    _image(tmp_path / "media/still.png", "red", 0)
+    paths = [str(tmp_path / f"media/{i}.gif") for i in range(3)]
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.resampler.time_embeddings.zero_()
+    blind = order_similarity(model, paths)  # the latents attend to a set of frame tokens
+    assert blind["n"] == 3 and blind["reversed"] == pytest.approx(1.0, abs=1e-6)
+    assert blind["other_clip"] < 1.0 - 1e-3  # other clips' tokens differ
+    with torch.no_grad():
+        model.resampler.time_embeddings.normal_(0, 1.0)  # frame order now changes the tokens
+    # (the tiny random resampler's tokens hardly depend on their input: the drop is small)
+    assert order_similarity(model, paths)["reversed"] < 1.0 - 5e-6
+    with pytest.raises(ValueError, match="at least 2 clips"):
+        order_similarity(model, paths[:1])
+    with pytest.raises(ValueError, match="one frame"):
+        order_similarity(model, [paths[0], str(tmp_path / "media/still.png")])
+    _write(tmp_path / "clips.jsonl", [{"media": [f"media/{i}.gif"]} for i in range(3)])
+    assert main(["--model", str(tmp_path / "missing"), "--data", str(tmp_path / "clips.jsonl")]) == 2
