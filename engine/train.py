@@ -447,6 +447,9 @@ def export_checkpoint(cfg: TrainConfig, out: str | Path, resume: str | bool = Tr
     Returns the checkpoint's step."""
     if resume is False:
         raise ValueError("--export needs a checkpoint to export (drop --no-resume)")
+    if cfg.mode != "generative":
+        raise ValueError(f"--export reads generative runs' checkpoints; mode {cfg.mode} writes its result "
+                         f"({'tower' if cfg.mode == 'contrastive' else 'model'}) into {cfg.run.dir} when it ends")
     trainer = Trainer(cfg, model=model, resume=resume, read_only=True)
     if trainer.step == 0:
         raise ValueError(f"no checkpoint to export in {cfg.run.dir}")
@@ -459,6 +462,10 @@ def train(cfg: TrainConfig, resume: str | bool = True, precompute_only: bool = F
         from .contrastive import train_contrastive
 
         return train_contrastive(cfg, resume=resume)
+    if cfg.mode == "motion_probe":
+        from .motion_probe import train_motion_probe
+
+        return train_motion_probe(cfg, resume=resume)
     if precompute_only:  # fill the feature cache and stop
         if not cfg.data.feature_cache:
             raise ValueError("--precompute-only needs data.feature_cache: true")

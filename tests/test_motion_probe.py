@@ -1,0 +1,107 @@
+"""mode: motion_probe -- the resampler learns which way a clip moves while pictures' tokens stay put."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from engine.motion_probe import MotionProbeTrainer, read_labelled_clips
+from engine.testing import tiny_model
+from engine.train import export_checkpoint
+from engine.train_config import parse_train_config
+from tests.train_fixtures import tiny_train_config, write_corpus
+
+
+def _moving_square(path: Path, direction: str, row: int, frames: int = 4, size: int = 32) -> None:
+    """A white square crossing a black frame; a "left" clip is a "right" clip reversed."""
+    xs = [2 + 7 * t for t in range(frames)]
+    xs = xs if direction == "right" else xs[::-1]
+    imgs = []
+    for x in xs:
+        img = Image.new("RGB", (size, size))
+        img.paste((255, 255, 255), (x, row, x + 8, row + 8))
+        imgs.append(img)
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=100, loop=0)
+
+
+def _corpus(root: Path) -> Path:
+    write_corpus(root, n_pairs=16, n_docs=1, n_videos=1)
+    rows = []
+    for i in range(16):
+        direction = ("left", "right")[i % 2]
+        _moving_square(root / "media" / f"m{i}.gif", direction, row=2 + (i // 2) * 3)
+        rows.append({"media": [f"media/m{i}.gif"], "text": f"<image>A square moves {direction}.<EOC>", "motion": direction})
+    rows.append({"media": ["media/m0.gif"], "text": "<image>No label.<EOC>"})  # skipped: no motion
+    (root / "motion.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _config(corpus: Path, run: Path, anchor_weight: float, steps: int = 120):
+    raw = tiny_train_config(corpus, run, **{
+        "mode": "motion_probe", "data.num_frames": 4, "data.feature_cache": True, "run.max_steps": steps,
+        "run.save_every": 10, "optim.lr": 1e-2, "optim.embedding_lr": 1e-1, "optim.warmup_steps": 0,
+        "motion_probe.anchor_weight": anchor_weight})
+    raw["data"]["datasets"] = [
+        {"name": "clips", "kind": "video", "path": "motion.train.jsonl", "batch_size": 8},
+        {"name": "pairs", "kind": "pairs", "path": "pairs.train.jsonl", "batch_size": 8},
+    ]
+    return parse_train_config(raw)
+
+
+def _train(corpus, run, anchor_weight):
+    model = tiny_model()
+    others = {k: v.clone() for k, v in model.trainable_state_dict().items() if not k.startswith("resampler.")}
+    t = MotionProbeTrainer(_config(corpus, run, anchor_weight), model=model, resume=False)
+    logs = [t.train_step() for _ in range(120)]
+    after = model.trainable_state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in others.items())  # gated blocks, token embeddings: untouched
+    return t, logs
+
+
+def test_the_probe_learns_direction_and_the_anchor_holds_pictures(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    assert len(read_labelled_clips(corpus / "motion.train.jsonl", "motion")) == 16
+    anchored, logs = _train(corpus, tmp_path / "a", anchor_weight=100.0)
+    assert anchored.labels == ["left", "right"]
+    # left and right clips hold the same frames: only their order tells them apart
+    assert sum(l["probe_accuracy"] for l in logs[-10:]) / 10 >= 0.9, [l["probe_accuracy"] for l in logs]
+    _, free_logs = _train(corpus, tmp_path / "b", anchor_weight=0.0)
+    drift = sum(l["image_token_drift"] for l in logs[-10:]) / 10
+    free_drift = sum(l["image_token_drift"] for l in free_logs[-10:]) / 10
+    assert drift < free_drift / 3, (drift, free_drift)
+
+    out = anchored.save_model()
+    saved = load_file(out / "flamingo.safetensors")
+    trained = anchored.model.trainable_state_dict()
+    assert all(torch.equal(saved[k], trained[k]) for k in saved if k.startswith("resampler."))
+
+
+def test_a_run_resumes_where_it_stopped(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    cfg = _config(corpus, tmp_path / "run", 100.0, steps=10)
+    first = MotionProbeTrainer(cfg, model=tiny_model(), resume=False)
+    first.fit()
+    assert (tmp_path / "run" / "model" / "flamingo.safetensors").is_file()
+    again = MotionProbeTrainer(_config(corpus, tmp_path / "run", 100.0, steps=20), model=tiny_model(), resume=True)
+    assert again.step == 10
+    assert torch.equal(again.model.resampler.latents, first.model.resampler.latents)
+    assert again.clip_feeds[0].stream.state_dict() == first.clip_feeds[0].stream.state_dict()
+
+
+def test_the_config_needs_clips_and_pictures(tmp_path):
+    corpus = _corpus(tmp_path / "corpus")
+    raw = tiny_train_config(corpus, tmp_path / "run", mode="motion_probe", **{"data.feature_cache": True})
+    raw["data"]["datasets"] = [{"name": "clips", "kind": "video", "path": "motion.train.jsonl"}]
+    with pytest.raises(ValueError, match="picture dataset"):
+        parse_train_config(raw)
+    raw["data"]["datasets"].append({"name": "pairs", "kind": "pairs", "path": "pairs.train.jsonl"})
+    raw["data"]["feature_cache"] = False
+    with pytest.raises(ValueError, match="feature_cache"):
+        parse_train_config(raw)
+    raw["data"]["feature_cache"] = True
+    with pytest.raises(ValueError, match="mode motion_probe writes"):
+        export_checkpoint(parse_train_config(raw), tmp_path / "out")
