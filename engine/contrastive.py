@@ -12,21 +12,19 @@ written with ``save_pretrained`` so ``vision.name: run_dir/tower`` loads it) and
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
 from .data.features import load_pixels
 from .data.readers import EOC_TOKEN, MEDIA_TOKEN, RecordStream, open_source
 from .media import MediaError
-from .train import apply_schedule, build_optimizer, build_scheduler
+from .stage_loop import StageLoop, stage_accelerator
+from .train import build_optimizer, build_scheduler
 from .train_config import TrainConfig, dataset_path
 
 log = logging.getLogger(__name__)
@@ -120,16 +118,12 @@ class PairFeed:
         self.stream.load_state_dict(s["stream"])
 
 
-class ContrastiveTrainer:
+class ContrastiveTrainer(StageLoop):
+    desc = "contrastive"
+
     def __init__(self, cfg: TrainConfig, tower=None, tokenizer=None, resume: str | bool = True):
-        from accelerate import Accelerator
-
-        self.cfg = cfg
-        run = cfg.run
-        cpu = run.device == "cpu" or (run.device == "auto" and not torch.cuda.is_available())
-        from .train import resolve_mixed_precision
-
-        self.accelerator = acc = Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(run.mixed_precision, "cpu" if cpu else "cuda"))
+        self.cfg, run = cfg, cfg.run
+        self.accelerator = acc = stage_accelerator(run)
         torch.manual_seed(run.seed)
         if tower is None or tokenizer is None:
             from .lm import load_lm
@@ -150,19 +144,7 @@ class ContrastiveTrainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.module, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.run_dir = Path(run.dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.step = 0
-        if resume:
-            path = ckpt.latest_checkpoint(self.run_dir) if resume is True else Path(resume)
-            if path is not None:
-                state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler, acc.process_index)
-                self.step = int(state["step"])
-                apply_schedule(self.optimizer, self.scheduler)
-                for f in self.feeds:
-                    if f.name in state["data"]:
-                        f.load_state_dict(state["data"][f.name])
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.start(resume)
 
     def train_step(self) -> dict:
         acc = self.accelerator
@@ -172,56 +154,16 @@ class ContrastiveTrainer:
         pixels, ids, mask = (t.to(acc.device) for t in feed.next_batch())
         with acc.autocast():
             loss = self.module(pixels, ids, mask)
-        acc.backward(loss)
-        if self.cfg.optim.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.module.parameters(), self.cfg.optim.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        lr = self.optimizer_step(loss)
         loss = acc.reduce(loss.detach().float(), reduction="mean").item()
         return {"step": self.step, "loss": loss, f"loss/{feed.name}": loss, "lr": lr,
                 "temperature": float(1 / self.model.logit_scale.detach().exp())}
 
-    def fit(self) -> dict:
-        from tqdm.auto import tqdm
+    def postfix(self, last: dict) -> dict:
+        return {"loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}"}
 
-        acc, run = self.accelerator, self.cfg.run
-        started, last = time.time(), {}
-        bar = tqdm(total=run.max_steps, initial=self.step, desc="contrastive", unit="step", disable=not (run.progress and acc.is_main_process))
-        while self.step < run.max_steps:
-            last = self.train_step()
-            if acc.is_main_process:
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-            bar.update(1)
-            stop = run.max_minutes is not None and time.time() - started > 60 * run.max_minutes
-            if self.step % run.save_every == 0 or self.step == run.max_steps or stop:
-                self.save_checkpoint()
-            if stop:
-                break
-        bar.close()
+    def finish(self) -> None:
         self.save_tower()
-        return last
-
-    def save_checkpoint(self) -> None:
-        acc = self.accelerator
-        if acc.is_main_process:
-            ckpt.staging_dir(self.run_dir, self.step)
-        acc.wait_for_everyone()
-        stage = ckpt.checkpoints_dir(self.run_dir) / f"step-{self.step}.tmp"
-        ckpt.save_rank_state(stage, acc.process_index, {f.name: f.state_dict() for f in self.feeds})
-        if acc.is_main_process:
-            ckpt.save_main(stage, self.model, self.optimizer, self.scheduler, {"step": self.step, "mode": "contrastive"})
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            ckpt.finalize(self.run_dir, self.step, self.cfg.run.keep_last)
-            from .train_plot import plot_metrics
-
-            plot_metrics(self.metrics_path, self.run_dir / "loss.png")
-        acc.wait_for_everyone()
 
     def save_tower(self) -> Path:
         from safetensors.torch import save_file

@@ -23,22 +23,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
 from .data.features import FeatureCache
 from .data.readers import RecordStream, open_source
-from .train import apply_schedule, build_model, build_optimizer, build_scheduler, resolve_mixed_precision
+from .stage_loop import StageLoop, stage_accelerator
+from .train import build_model, build_optimizer, build_scheduler
 from .train_config import TrainConfig, dataset_path
-
-log = logging.getLogger(__name__)
-
 
 def read_labelled_clips(path: str | Path, label_field: str) -> list[tuple[Path, str]]:
     """(absolute media path, label) of each corpus record with one media item and a label."""
@@ -106,25 +101,29 @@ class ImageFeed:
 
 
 class MotionProbe(nn.Module):
-    """The trainable resampler and the probe as one module: (B, T, S, d) clips -> (B, labels) logits."""
+    """The trainable resampler and the probe as one module (one forward, so DDP syncs it all)."""
 
     def __init__(self, resampler: nn.Module, num_tokens: int, dim: int, num_labels: int):
         super().__init__()
         self.resampler = resampler
         self.probe = nn.Linear(num_tokens * dim, num_labels)
 
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        tokens = self.resampler(clips[:, None])[:, 0]  # (B, R, dim)
-        return self.probe(tokens.flatten(1))
+    def forward(self, clips: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        clips:  (B, T, S, d) frozen features of labelled clips
+        images: (B', 1, S, d) frozen features of pictures
+        returns (B, labels) probe logits and (B', R, dim) the pictures' visual tokens
+        """
+        clip_tokens = self.resampler(clips[:, None])[:, 0]  # (B, R, dim)
+        return self.probe(clip_tokens.flatten(1)), self.resampler(images[:, None])[:, 0]
 
 
-class MotionProbeTrainer:
+class MotionProbeTrainer(StageLoop):
+    desc = "motion probe"
+
     def __init__(self, cfg: TrainConfig, model=None, resume: str | bool = True):
-        from accelerate import Accelerator
-
         self.cfg, run = cfg, cfg.run
-        cpu = run.device == "cpu" or (run.device == "auto" and not torch.cuda.is_available())
-        self.accelerator = acc = Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(run.mixed_precision, "cpu" if cpu else "cuda"))
+        self.accelerator = acc = stage_accelerator(run)
         torch.manual_seed(run.seed)
         self.model = model if model is not None else build_model(cfg)
         self.model.requires_grad_(False)
@@ -132,20 +131,14 @@ class MotionProbeTrainer:
         # The pictures' visual tokens as the starting model made them: what the gated blocks read.
         self.teacher = copy.deepcopy(resampler).requires_grad_(False).eval().to(acc.device)
         self.clip_feeds, self.image_feeds, self.labels = self._build_feeds()
-        rc = self.model.config.resampler
-        self.module = MotionProbe(resampler, rc.num_latents, resampler.dim, len(self.labels))
-        self.optimizer = build_optimizer(self.module, cfg.optim)
+        self.feeds = self.clip_feeds + self.image_feeds
+        probe = MotionProbe(resampler, self.model.config.resampler.num_latents, resampler.dim, len(self.labels))
+        self.optimizer = build_optimizer(probe, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.module, self.optimizer = acc.prepare(self.module, self.optimizer)
+        self.module, self.optimizer = acc.prepare(probe, self.optimizer)
         self.run_dir = Path(run.dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.step = 0
-        if resume:
-            path = ckpt.latest_checkpoint(self.run_dir) if resume is True else Path(resume)
-            if path is not None:
-                self._resume(path)
+        self.start(resume)
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
 
     def _build_feeds(self):
@@ -166,19 +159,12 @@ class MotionProbeTrainer:
                        for ds in used if ds.kind != "video"]
         return clip_feeds, image_feeds, labels
 
-    def _feeds(self) -> list:
-        return self.clip_feeds + self.image_feeds
-
-    def _resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.module, self.optimizer, self.scheduler, self.accelerator.process_index)
+    def check_resumed(self, path: Path, state: dict) -> None:
         if state.get("labels") != self.labels:
             raise ValueError(f"checkpoint {path} was trained on the labels {state.get('labels')}, the data now has {self.labels}")
-        self.step = int(state["step"])
-        apply_schedule(self.optimizer, self.scheduler)
-        for feed in self._feeds():
-            if feed.name in state["data"]:
-                feed.load_state_dict(state["data"][feed.name])
-        log.info("resumed motion probe from %s at step %d", path, self.step)
+
+    def checkpoint_state(self) -> dict:
+        return {**super().checkpoint_state(), "labels": self.labels}
 
     def train_step(self) -> dict:
         """One optimiser step: a clip batch (in turn over the video datasets) through the probe,
@@ -187,69 +173,23 @@ class MotionProbeTrainer:
         self.module.train()
         clips, labels = (t.to(device) for t in self.clip_feeds[self.step % len(self.clip_feeds)].next_batch())
         images = self.image_feeds[self.step % len(self.image_feeds)].next_batch().to(device)
-        resampler = self.model.resampler
         with acc.autocast():
-            logits = self.module(clips.float())
-            ce = F.cross_entropy(logits.float(), labels)
-            tokens = resampler(images[:, None].float()).float()  # (B, 1, R, dim)
+            logits, tokens = self.module(clips.float(), images.float())
         with torch.no_grad():
-            target = self.teacher(images[:, None].float()).float()
-        anchor = F.mse_loss(tokens, target)
+            target = self.teacher(images[:, None].float())[:, 0]  # (B', R, dim)
+        ce = F.cross_entropy(logits.float(), labels)
+        anchor = F.mse_loss(tokens.float(), target)
         loss = ce + self.cfg.motion_probe.anchor_weight * anchor
-        acc.backward(loss)
-        if self.cfg.optim.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.module.parameters(), self.cfg.optim.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        drift = ((tokens - target).norm(dim=-1) / target.norm(dim=-1).clamp(min=1e-6)).mean()
+        lr = self.optimizer_step(loss)
+        drift = ((tokens.float() - target).norm(dim=-1) / target.norm(dim=-1).clamp(min=1e-6)).mean()
         return {"step": self.step, "loss": loss.item(), "probe_ce": ce.item(), "anchor": anchor.item(),
                 "probe_accuracy": (logits.argmax(-1) == labels).float().mean().item(), "image_token_drift": drift.item(), "lr": lr}
 
-    def fit(self) -> dict:
-        from tqdm.auto import tqdm
+    def postfix(self, last: dict) -> dict:
+        return {"ce": f"{last['probe_ce']:.3f}", "drift": f"{last['image_token_drift']:.3f}"}
 
-        acc, run = self.accelerator, self.cfg.run
-        started, last = time.time(), {}
-        bar = tqdm(total=run.max_steps, initial=self.step, desc="motion probe", unit="step",
-                   disable=not (run.progress and acc.is_main_process))
-        while self.step < run.max_steps:
-            t0 = time.time()
-            last = self.train_step()
-            last["step_time"] = time.time() - t0
-            if acc.is_main_process:
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-            bar.set_postfix(ce=f"{last['probe_ce']:.3f}", drift=f"{last['image_token_drift']:.3f}")
-            bar.update(1)
-            stop = run.max_minutes is not None and time.time() - started > 60 * run.max_minutes
-            if self.step % run.save_every == 0 or self.step == run.max_steps or stop:
-                self.save_checkpoint()
-            if stop:
-                break
-        bar.close()
+    def finish(self) -> None:
         self.save_model()
-        return last
-
-    def save_checkpoint(self) -> None:
-        acc = self.accelerator
-        if acc.is_main_process:
-            ckpt.staging_dir(self.run_dir, self.step)
-        acc.wait_for_everyone()
-        stage = ckpt.checkpoints_dir(self.run_dir) / f"step-{self.step}.tmp"
-        ckpt.save_rank_state(stage, acc.process_index, {f.name: f.state_dict() for f in self._feeds()})
-        if acc.is_main_process:
-            ckpt.save_main(stage, acc.unwrap_model(self.module), self.optimizer, self.scheduler,
-                           {"step": self.step, "mode": "motion_probe", "labels": self.labels})
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            ckpt.finalize(self.run_dir, self.step, self.cfg.run.keep_last)
-            from .train_plot import plot_metrics
-
-            plot_metrics(self.metrics_path, self.run_dir / "loss.png")
-        acc.wait_for_everyone()
 
     def save_model(self) -> Path:
         """run_dir/model: the whole Flamingo with the trained resampler (init_from for the next stage)."""
