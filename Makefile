@@ -49,7 +49,9 @@ data: $(APP_OK) debian-deps
 # The built-in model: corpus -> training subsets + chat records -> stage 1 (constant rate, the
 # subsets) -> stage 2 (the same run, full files, decaying rate) -> stage 3 (a second, shorter
 # warm-up/decay cycle with the naming episodes, its own run dir) -> stage 4 (a third, short
-# cycle without made-up names' first mentions in the loss) -> fp16 export -> evaluation into
+# cycle without made-up names' first mentions in the loss) -> stage 5 (the resampler learns frame
+# order from the clips' motion labels, pictures' tokens held in place) -> stage 6 (stage 4's mix
+# plus motion captions and direction questions) -> fp16 export -> evaluation into
 # assets/model/eval (the model card's numbers). Every stage resumes from its checkpoints.
 default-model: data
 	$(PY) -m engine.data.prepare --corpus $(CORPUS)
@@ -57,7 +59,9 @@ default-model: data
 	$(PY) -m engine train --config configs/default_model_anneal.yaml
 	$(PY) -m engine train --config configs/default_model_stage3.yaml
 	$(PY) -m engine train --config configs/default_model_stage4.yaml
-	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model_stage4/model').save_pretrained('assets/model', dtype=torch.float16)"
+	$(PY) -m engine train --config configs/default_model_motion_probe.yaml
+	$(PY) -m engine train --config configs/default_model_motion_mix.yaml
+	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model_motion_mix/model').save_pretrained('assets/model', dtype=torch.float16)"
 	$(MAKE) eval-default
 
 EVAL := $(PY) -m engine eval --model assets/model --data $(CORPUS) --no-progress

@@ -182,11 +182,12 @@ class MotionProbeTrainer(StageLoop):
         loss = ce + self.cfg.motion_probe.anchor_weight * anchor
         lr = self.optimizer_step(loss)
         drift = ((tokens.float() - target).norm(dim=-1) / target.norm(dim=-1).clamp(min=1e-6)).mean()
-        return {"step": self.step, "loss": loss.item(), "probe_ce": ce.item(), "anchor": anchor.item(),
+        return {"step": self.step, "loss": loss.item(), "loss/probe": ce.item(),
+                "loss/anchor": self.cfg.motion_probe.anchor_weight * anchor.item(),
                 "probe_accuracy": (logits.argmax(-1) == labels).float().mean().item(), "image_token_drift": drift.item(), "lr": lr}
 
     def postfix(self, last: dict) -> dict:
-        return {"ce": f"{last['probe_ce']:.3f}", "drift": f"{last['image_token_drift']:.3f}"}
+        return {"ce": f"{last['loss/probe']:.3f}", "drift": f"{last['image_token_drift']:.3f}"}
 
     def finish(self) -> None:
         self.save_model()
