@@ -35,6 +35,7 @@ from .stage_loop import StageLoop, stage_accelerator
 from .train import build_model, build_optimizer, build_scheduler
 from .train_config import TrainConfig, dataset_path
 
+
 def read_labelled_clips(path: str | Path, label_field: str) -> list[tuple[Path, str]]:
     """(absolute media path, label) of each corpus record with one media item and a label."""
     root = Path(path).resolve().parent

@@ -15,19 +15,17 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+
 from . import checkpoint as ckpt
-from .train import apply_schedule
+from .train import apply_schedule, resolve_mixed_precision
 
 log = logging.getLogger(__name__)
 
 
 def stage_accelerator(run):
     """An Accelerator on run.device (auto: CUDA when there is one) with run.mixed_precision."""
-    import torch
-    from accelerate import Accelerator
-
-    from .train import resolve_mixed_precision
-
     cpu = run.device == "cpu" or (run.device == "auto" and not torch.cuda.is_available())
     return Accelerator(cpu=cpu, mixed_precision=resolve_mixed_precision(run.mixed_precision, "cpu" if cpu else "cuda"))
 
