@@ -1,5 +1,5 @@
 """The loop, metrics log, checkpoints and resumption of the training modes that train one module
-beside the Flamingo objective: ``mode: contrastive`` (a vision tower) and ``mode: motion_probe``
+beside the Flamingo objective: ``mode: contrastive`` (a vision tower) and ``mode: token_probe``
 (the resampler). The Flamingo objective's own loop is `engine.train.Trainer` (sharding, gates).
 
 A subclass sets, in its __init__: cfg, accelerator, module (what trains and is checkpointed),

@@ -462,10 +462,10 @@ def train(cfg: TrainConfig, resume: str | bool = True, precompute_only: bool = F
         from .contrastive import train_contrastive
 
         return train_contrastive(cfg, resume=resume)
-    if cfg.mode == "motion_probe":
-        from .motion_probe import train_motion_probe
+    if cfg.mode == "token_probe":
+        from .token_probe import train_token_probe
 
-        return train_motion_probe(cfg, resume=resume)
+        return train_token_probe(cfg, resume=resume)
     if precompute_only:  # fill the feature cache and stop
         if not cfg.data.feature_cache:
             raise ValueError("--precompute-only needs data.feature_cache: true")

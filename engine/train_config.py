@@ -4,7 +4,7 @@
     init_from: DIR          # a saved model (save_pretrained) to continue from
     model_overrides: {...}  # with init_from: config fields to change, e.g. turn on new zero-initialised
                             # weights ({resampler: {spatial_positions: 49}})
-    mode: generative        # or contrastive (engine/contrastive.py), motion_probe (engine/motion_probe.py)
+    mode: generative        # or contrastive (engine/contrastive.py), token_probe (engine/token_probe.py)
     data:
       root: corpus          # dataset paths are relative to it (itself relative to the cwd)
       num_frames: 8         # frames per video
@@ -33,7 +33,7 @@ from .model import NEW_BLOCK_INITS
 from .objective import STRATEGIES
 
 DEFAULT_MAX_TOKENS = {"interleaved": 256, "pairs": 64, "video": 64}
-MODES = ("generative", "contrastive", "motion_probe")
+MODES = ("generative", "contrastive", "token_probe")
 
 
 @dataclass
@@ -151,11 +151,17 @@ class ContrastiveConfig:
 
 
 @dataclass
-class MotionProbeConfig:
-    """mode: motion_probe (engine/motion_probe.py): the resampler learns frame order from the
-    video records' labels while pictures' visual tokens stay at the starting model's."""
+class TokenProbeConfig:
+    """mode: token_probe (engine/token_probe.py): the resampler learns to carry a field of the
+    labelled datasets' records (a clip's motion, a picture's background colour) while the other
+    datasets' visual tokens stay at the starting model's."""
     label_field: str = "motion"  # the corpus records' field the probe predicts
-    anchor_weight: float = 100.0  # on the MSE between pictures' visual tokens and the start's
+    labelled: list[str] = field(default_factory=list)  # dataset names with the labels; [] = the video datasets
+    anchor_weight: float = 100.0  # on the MSE between the other items' visual tokens and the start's
+
+    def labelled_datasets(self, datasets: list[DatasetConfig]) -> list[str]:
+        """The names of the datasets the probe reads labels from (the rest are anchored)."""
+        return list(self.labelled) or [ds.name for ds in datasets if ds.kind == "video"]
 
 
 @dataclass
@@ -169,11 +175,11 @@ class TrainConfig:
     # at gate 0 only the gates learn, and their gradient is the block's output, which is noise
     # for a random block.
     new_block_init: str = "random"
-    mode: str = "generative"  # generative | contrastive | motion_probe
+    mode: str = "generative"  # generative | contrastive | token_probe
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
-    motion_probe: MotionProbeConfig = field(default_factory=MotionProbeConfig)
+    token_probe: TokenProbeConfig = field(default_factory=TokenProbeConfig)
 
     def model_config(self) -> FlamingoConfig:
         return FlamingoConfig.from_dict(self.model or {})
@@ -354,21 +360,25 @@ def _validate(cfg: TrainConfig, where: str) -> None:
         raise ValueError(f"{where}: run: max_steps, save_every and log_every must be >= 1, keep_last >= 0")
     if cfg.data.feature_cache and not o.freeze_vision and cfg.mode == "generative":
         raise ValueError(f"{where}: data.feature_cache needs a frozen vision tower (optim.freeze_vision: true)")
-    if cfg.mode == "motion_probe":
-        _validate_motion_probe(cfg, where)
+    if cfg.mode == "token_probe":
+        _validate_token_probe(cfg, where)
 
 
-def _validate_motion_probe(cfg: TrainConfig, where: str) -> None:
+def _validate_token_probe(cfg: TrainConfig, where: str) -> None:
     used = [ds for ds in cfg.data.datasets if ds.weight > 0]
-    if not any(ds.kind == "video" for ds in used) or all(ds.kind == "video" for ds in used):
-        raise ValueError(f"{where}: mode motion_probe needs a video dataset (labelled clips) and a picture dataset "
-                         "(pictures whose visual tokens stay put), both with weight > 0")
-    if any(ds.kind == "video" and ds.format != "corpus" for ds in used):
-        raise ValueError(f"{where}: mode motion_probe reads the labels of corpus-format video records")
+    unknown = set(cfg.token_probe.labelled) - {ds.name for ds in used}
+    if unknown:
+        raise ValueError(f"{where}: token_probe.labelled names no dataset with weight > 0: {sorted(unknown)}")
+    names = cfg.token_probe.labelled_datasets(used)
+    if not names or len(names) == len(used):
+        raise ValueError(f"{where}: mode token_probe needs a labelled dataset (token_probe.labelled, by default the "
+                         "video datasets) and another dataset whose visual tokens stay put, both with weight > 0")
+    if any(ds.name in names and ds.format != "corpus" for ds in used):
+        raise ValueError(f"{where}: mode token_probe reads the labels of corpus-format records")
     if not cfg.data.feature_cache:
-        raise ValueError(f"{where}: mode motion_probe trains from cached features (data.feature_cache: true)")
-    if cfg.motion_probe.anchor_weight < 0:
-        raise ValueError(f"{where}: motion_probe.anchor_weight must be >= 0, got {cfg.motion_probe.anchor_weight}")
+        raise ValueError(f"{where}: mode token_probe trains from cached features (data.feature_cache: true)")
+    if cfg.token_probe.anchor_weight < 0:
+        raise ValueError(f"{where}: token_probe.anchor_weight must be >= 0, got {cfg.token_probe.anchor_weight}")
 
 
 def dataset_path(cfg: TrainConfig, ds: DatasetConfig) -> Path:

@@ -14,7 +14,7 @@ import yaml
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("train", help="train a Flamingo model (or a vision tower, mode: contrastive; or the resampler on motion labels, mode: motion_probe) from a YAML config",
+    p = subparsers.add_parser("train", help="train a Flamingo model (or a vision tower, mode: contrastive; or the resampler on records' labels, mode: token_probe) from a YAML config",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return p

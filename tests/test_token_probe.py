@@ -1,4 +1,5 @@
-"""mode: motion_probe -- the resampler learns which way a clip moves while pictures' tokens stay put."""
+"""mode: token_probe -- the resampler learns which way a clip moves (or a picture's background
+colour) while other items' tokens stay put."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from engine.motion_probe import MotionProbeTrainer, read_labelled_clips
+from engine.token_probe import TokenProbeTrainer, read_labelled
 from engine.testing import tiny_model
 from engine.train import export_checkpoint
 from engine.train_config import parse_train_config
@@ -42,9 +43,9 @@ def _corpus(root: Path) -> Path:
 
 def _config(corpus: Path, run: Path, anchor_weight: float, steps: int = 120):
     raw = tiny_train_config(corpus, run, **{
-        "mode": "motion_probe", "data.num_frames": 4, "data.feature_cache": True, "run.max_steps": steps,
+        "mode": "token_probe", "data.num_frames": 4, "data.feature_cache": True, "run.max_steps": steps,
         "run.save_every": 10, "optim.lr": 1e-2, "optim.embedding_lr": 1e-1, "optim.warmup_steps": 0,
-        "motion_probe.anchor_weight": anchor_weight})
+        "token_probe.anchor_weight": anchor_weight})
     raw["data"]["datasets"] = [
         {"name": "clips", "kind": "video", "path": "motion.train.jsonl", "batch_size": 8},
         {"name": "pairs", "kind": "pairs", "path": "pairs.train.jsonl", "batch_size": 8},
@@ -55,7 +56,7 @@ def _config(corpus: Path, run: Path, anchor_weight: float, steps: int = 120):
 def _train(corpus, run, anchor_weight):
     model = tiny_model()
     others = {k: v.clone() for k, v in model.trainable_state_dict().items() if not k.startswith("resampler.")}
-    t = MotionProbeTrainer(_config(corpus, run, anchor_weight), model=model, resume=False)
+    t = TokenProbeTrainer(_config(corpus, run, anchor_weight), model=model, resume=False)
     logs = [t.train_step() for _ in range(120)]
     after = model.trainable_state_dict()
     assert all(torch.equal(v, after[k]) for k, v in others.items())  # gated blocks, token embeddings: untouched
@@ -64,14 +65,14 @@ def _train(corpus, run, anchor_weight):
 
 def test_the_probe_learns_direction_and_the_anchor_holds_pictures(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
-    assert len(read_labelled_clips(corpus / "motion.train.jsonl", "motion")) == 16
+    assert len(read_labelled(corpus / "motion.train.jsonl", "motion")) == 16
     anchored, logs = _train(corpus, tmp_path / "a", anchor_weight=100.0)
     assert anchored.labels == ["left", "right"]
     # left and right clips hold the same frames: only their order tells them apart
     assert sum(l["probe_accuracy"] for l in logs[-10:]) / 10 >= 0.9, [l["probe_accuracy"] for l in logs]
     _, free_logs = _train(corpus, tmp_path / "b", anchor_weight=0.0)
-    drift = sum(l["image_token_drift"] for l in logs[-10:]) / 10
-    free_drift = sum(l["image_token_drift"] for l in free_logs[-10:]) / 10
+    drift = sum(l["anchored_token_drift"] for l in logs[-10:]) / 10
+    free_drift = sum(l["anchored_token_drift"] for l in free_logs[-10:]) / 10
     assert drift < free_drift / 3, (drift, free_drift)
 
     out = anchored.save_model()
@@ -83,25 +84,55 @@ def test_the_probe_learns_direction_and_the_anchor_holds_pictures(tmp_path):
 def test_a_run_resumes_where_it_stopped(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     cfg = _config(corpus, tmp_path / "run", 100.0, steps=10)
-    first = MotionProbeTrainer(cfg, model=tiny_model(), resume=False)
+    first = TokenProbeTrainer(cfg, model=tiny_model(), resume=False)
     first.fit()
     assert (tmp_path / "run" / "model" / "flamingo.safetensors").is_file()
-    again = MotionProbeTrainer(_config(corpus, tmp_path / "run", 100.0, steps=20), model=tiny_model(), resume=True)
+    again = TokenProbeTrainer(_config(corpus, tmp_path / "run", 100.0, steps=20), model=tiny_model(), resume=True)
     assert again.step == 10
     assert torch.equal(again.model.resampler.latents, first.model.resampler.latents)
-    assert again.clip_feeds[0].stream.state_dict() == first.clip_feeds[0].stream.state_dict()
+    assert again.labelled_feeds[0].stream.state_dict() == first.labelled_feeds[0].stream.state_dict()
 
 
 def test_the_config_needs_clips_and_pictures(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
-    raw = tiny_train_config(corpus, tmp_path / "run", mode="motion_probe", **{"data.feature_cache": True})
+    raw = tiny_train_config(corpus, tmp_path / "run", mode="token_probe", **{"data.feature_cache": True})
     raw["data"]["datasets"] = [{"name": "clips", "kind": "video", "path": "motion.train.jsonl"}]
-    with pytest.raises(ValueError, match="picture dataset"):
+    with pytest.raises(ValueError, match="another dataset"):
         parse_train_config(raw)
     raw["data"]["datasets"].append({"name": "pairs", "kind": "pairs", "path": "pairs.train.jsonl"})
     raw["data"]["feature_cache"] = False
     with pytest.raises(ValueError, match="feature_cache"):
         parse_train_config(raw)
     raw["data"]["feature_cache"] = True
-    with pytest.raises(ValueError, match="mode motion_probe writes"):
+    with pytest.raises(ValueError, match="mode token_probe writes"):
         export_checkpoint(parse_train_config(raw), tmp_path / "out")
+
+
+def test_pictures_can_be_the_labelled_items(tmp_path):
+    """token_probe.labelled names a picture dataset: the probe reads its records' field (here a
+    background colour) and the clips are the anchored items."""
+    corpus = _corpus(tmp_path / "corpus")
+    rows = []
+    for i in range(16):
+        colour = ("red", "blue")[i % 2]
+        img = Image.new("RGB", (32, 32), (200, 30, 30) if colour == "red" else (30, 30, 200))
+        img.paste((255, 255, 255), (4 + i, 4 + i // 2, 12 + i, 12 + i // 2))
+        img.save(corpus / "media" / f"c{i}.png")
+        rows.append({"media": [f"media/c{i}.png"], "text": "<image>A square.<EOC>", "background": colour})
+    (corpus / "colours.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = tiny_train_config(corpus, tmp_path / "run", **{
+        "mode": "token_probe", "data.num_frames": 4, "data.feature_cache": True, "run.max_steps": 40,
+        "optim.lr": 1e-2, "optim.warmup_steps": 0, "token_probe.label_field": "background",
+        "token_probe.labelled": ["colours"]})
+    raw["data"]["datasets"] = [
+        {"name": "colours", "kind": "pairs", "path": "colours.train.jsonl", "batch_size": 8},
+        {"name": "clips", "kind": "video", "path": "motion.train.jsonl", "batch_size": 8},
+    ]
+    t = TokenProbeTrainer(parse_train_config(raw), model=tiny_model(), resume=False)
+    assert t.labels == ["blue", "red"] and t.labelled_feeds[0].kind == "image" and t.anchor_feeds[0].kind == "video"
+    logs = [t.train_step() for _ in range(40)]
+    assert sum(l["probe_accuracy"] for l in logs[-10:]) / 10 >= 0.9, [l["probe_accuracy"] for l in logs]
+
+    raw["token_probe"]["labelled"] = ["nowhere"]
+    with pytest.raises(ValueError, match="names no dataset"):
+        parse_train_config(raw)
