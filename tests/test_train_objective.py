@@ -345,6 +345,21 @@ def test_motion_questions_ask_what_the_test_clips_ask(tmp_path):
     assert got[0]["text"] == vqa_example("Which way does the red kite move?", "left")  # as the evaluation asks
 
 
+def test_colour_questions_ask_what_the_test_scenes_ask(tmp_path):
+    import json
+
+    from engine.data.prepare import write_colour_questions
+    from engine.eval.tasks import vqa_example
+
+    rows = [{"media": ["a.png"], "text": "<image>A cat on a pink background.<EOC>", "background": "pink"},
+            {"media": ["b.png"], "text": "<image>A cat.<EOC>"}]
+    (tmp_path / "pairs.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert write_colour_questions(tmp_path) == 1
+    (got,) = [json.loads(l) for l in (tmp_path / "vqa_colour.train.jsonl").read_text().splitlines()]
+    assert got["media"] == ["a.png"] and got["answers"] == ["pink"]
+    assert got["text"] == vqa_example("What colour is the background?", "pink")  # as the evaluation asks
+
+
 def test_hard_naming_episodes_show_the_query_concept_once_and_first(tmp_path):
     import json
 

@@ -6,7 +6,8 @@ writes `<kind>.subset.train.jsonl` (the first N records of each train file, so t
 cache holds only what training will read), `vqa.position.train.jsonl` (the position questions of
 the full VQA file, for configs/experiment_positions.yaml), `videos_qa.train.jsonl` (the
 direction questions about the training clips, for configs/experiment_motion_mix.yaml),
-`naming_hard.train.jsonl` (the naming episodes with half of them made hard, for
+`vqa_colour.train.jsonl` (the pairs' pictures asked their background colour, for
+configs/default_model_colour_mix.yaml), `naming_hard.train.jsonl` (the naming episodes with half of them made hard, for
 configs/experiment_hard_naming.yaml) and `chat.train.jsonl`, the chat-formatted records derived
 from the image subsets (engine/data/chat_records.py), which reuse their media.
 """
@@ -62,6 +63,21 @@ def write_motion_questions(corpus: Path) -> int:
     return len(out)
 
 
+def write_colour_questions(corpus: Path) -> int:
+    """pairs.train.jsonl's pictures asked about their background colour as the test scenes are
+    ("Question: What colour is the background? Answer: orange") -> vqa_colour.train.jsonl, on the
+    same pictures; returns their number."""
+    out = []
+    with (corpus / FILES["pairs"]).open() as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("background"):
+                text = T.chunk(T.qa(T.BACKGROUND_QUESTION, record["background"]))
+                out.append(json.dumps(dict(record, text=text, answers=[record["background"]])))
+    (corpus / "vqa_colour.train.jsonl").write_text("".join(line + "\n" for line in out))
+    return len(out)
+
+
 def hard_episode(record: dict) -> dict | None:
     """A naming episode rewritten so that the query's concept has one example, shown first (the
     farthest from the query), the other examples after it in their order; None when the query's
@@ -110,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = write_subsets(args.corpus, {k: getattr(args, k) for k in FILES})
     counts["vqa_position"] = write_position_questions(args.corpus)
     counts["videos_qa"] = write_motion_questions(args.corpus)
+    counts["vqa_colour"] = write_colour_questions(args.corpus)
     if (args.corpus / "naming.train.jsonl").is_file():
         counts["naming_hard"] = write_hard_naming(args.corpus, seed=args.seed)
     _, tokenizer = load_lm(args.lm)

@@ -171,7 +171,7 @@ def vqa_scene(ctx: Context, rng: random.Random, pool: list[str], qtype: str,
             bg, _, _ = R.render_object(rng, cuts[0], colour)
         else:
             bg = R.render_scene(rng, list(zip(cuts, R.scatter(rng, 2, 0.3, 0.42))), colour)
-        return dict(image=bg, question="What colour is the background?", answers=[colour],
+        return dict(image=bg, question=T.BACKGROUND_QUESTION, answers=[colour],
                     qtype="colour", concepts=cids)
     if qtype == "shape_colour":
         bg_colour = rng.choice(["white", "gray", "white", "yellow", "pink"])

@@ -57,6 +57,7 @@ MOTION_CAPTIONS = {
     "appear": ["{A} appears.", "{A} suddenly appears.", "{A} shows up."],
     "disappear": ["{A} disappears.", "{A} vanishes.", "{A} goes away."],
 }
+BACKGROUND_QUESTION = "What colour is the background?"
 DIRECTION_ANSWER = {"right": "right", "left": "left", "up": "up", "down": "down"}
 
 
