@@ -51,7 +51,9 @@ data: $(APP_OK) debian-deps
 # warm-up/decay cycle with the naming episodes, its own run dir) -> stage 4 (a third, short
 # cycle without made-up names' first mentions in the loss) -> stage 5 (the resampler learns frame
 # order from the clips' motion labels, pictures' tokens held in place) -> stage 6 (stage 4's mix
-# plus motion captions and direction questions) -> fp16 export -> evaluation into
+# plus motion captions and direction questions) -> stage 7 (the resampler learns the pictures'
+# background colour, the rest held in place) -> stage 8 (stage 6's mix again) -> fp16 export ->
+# evaluation into
 # assets/model/eval (the model card's numbers). Every stage resumes from its checkpoints.
 default-model: data
 	$(PY) -m engine.data.prepare --corpus $(CORPUS)
@@ -61,7 +63,9 @@ default-model: data
 	$(PY) -m engine train --config configs/default_model_stage4.yaml
 	$(PY) -m engine train --config configs/default_model_motion_probe.yaml
 	$(PY) -m engine train --config configs/default_model_motion_mix.yaml
-	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model_motion_mix/model').save_pretrained('assets/model', dtype=torch.float16)"
+	$(PY) -m engine train --config configs/default_model_colour_probe.yaml
+	$(PY) -m engine train --config configs/default_model_colour_mix.yaml
+	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model_colour_mix/model').save_pretrained('assets/model', dtype=torch.float16)"
 	$(MAKE) eval-default
 
 EVAL := $(PY) -m engine eval --model assets/model --data $(CORPUS) --no-progress

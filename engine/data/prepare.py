@@ -7,7 +7,7 @@ cache holds only what training will read), `vqa.position.train.jsonl` (the posit
 the full VQA file, for configs/experiment_positions.yaml), `videos_qa.train.jsonl` (the
 direction questions about the training clips, for configs/experiment_motion_mix.yaml),
 `vqa_colour.train.jsonl` (the pairs' pictures asked their background colour, for
-configs/default_model_colour_mix.yaml), `naming_hard.train.jsonl` (the naming episodes with half of them made hard, for
+configs/default_model_colour_qa.yaml), `naming_hard.train.jsonl` (the naming episodes with half of them made hard, for
 configs/experiment_hard_naming.yaml) and `chat.train.jsonl`, the chat-formatted records derived
 from the image subsets (engine/data/chat_records.py), which reuse their media.
 """
