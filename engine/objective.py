@@ -73,7 +73,7 @@ class DatasetFeed:
                                        mask_new_words=spec.mask_new_words)
         self.media_token_id, self.pad_id = media_token_id, pad_id
         self.cache, self.image_size, self.num_frames = cache, image_size, num_frames
-        self.media_kind = "video" if spec.kind == "video" else "image"
+        self.media_kind = spec.media_kind
         self.skipped = 0
 
     def media_paths(self):

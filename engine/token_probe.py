@@ -40,11 +40,6 @@ from .train import build_model, build_optimizer, build_scheduler
 from .train_config import TrainConfig, dataset_path
 
 
-def media_kind(dataset_kind: str) -> str:
-    """The feature cache's kind for a dataset's media: clips for video datasets, else pictures."""
-    return "video" if dataset_kind == "video" else "image"
-
-
 def read_labelled(path: str | Path, label_field: str) -> list[tuple[Path, str]]:
     """(absolute media path, label) of each corpus record with one media item and a label."""
     root = Path(path).resolve().parent
@@ -92,7 +87,7 @@ class AnchorFeed:
 
     def __init__(self, spec, batch_size: int, cache: FeatureCache, seed: int, rank: int, world: int):
         options = {k: getattr(spec, k) for k in ("image_dir", "image_column", "caption_column")}
-        self.name, self.kind, self.batch_size, self.cache = spec.name, media_kind(spec.kind), batch_size, cache
+        self.name, self.kind, self.batch_size, self.cache = spec.name, spec.media_kind, batch_size, cache
         self.stream = RecordStream(open_source(spec.format, spec.path, spec.kind, **options), seed=seed, rank=rank, world=world)
 
     def next_batch(self) -> torch.Tensor:
@@ -164,7 +159,7 @@ class TokenProbeTrainer(StageLoop):
             raise ValueError(f"mode token_probe: the labelled datasets' records ({', '.join(names)}) need at least "
                              f"two values of {field!r}, found {labels}")
         where = dict(seed=d.seed, rank=acc.process_index, world=acc.num_processes)
-        labelled = [LabelledFeed(ds.name, media_kind(ds.kind), items[ds.name], labels, ds.batch_size, cache, **where)
+        labelled = [LabelledFeed(ds.name, ds.media_kind, items[ds.name], labels, ds.batch_size, cache, **where)
                     for ds in used if ds.name in names]
         anchored = [AnchorFeed(dataclasses.replace(ds, path=str(dataset_path(cfg, ds))), ds.batch_size, cache, **where)
                     for ds in used if ds.name not in names]

@@ -64,6 +64,11 @@ class DatasetConfig:
     image_column: str | None = None  # parquet
     caption_column: str | None = None  # parquet
 
+    @property
+    def media_kind(self) -> str:
+        """What the dataset's media are to the loaders and the feature cache: clips or pictures."""
+        return "video" if self.kind == "video" else "image"
+
 
 @dataclass
 class DataConfig:
