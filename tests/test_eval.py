@@ -245,6 +245,9 @@ def test_cli_writes_contract_json_and_png(corpus, tmp_path, task, extra, shots, 
         # gates the copied picture changes nothing, so it scores what the model scored on them
         with_example = [v for n_y, v in k2["per_class_shots"].items() if n_y != "0"]
         assert "copy_score" not in zero and k2["copy_n"] == sum(v["n"] for v in with_example) > 0
+        # support calibration needs examples; with closed gates every copy predicts what the
+        # query does, so the calibrated ranking is flat and ties are broken at random
+        assert "support_calibrated_score" not in zero and 0.0 <= k2["support_calibrated_score"] <= 1.0
         assert k2["copy_score"] == pytest.approx(sum(v["score"] * v["n"] for v in with_example) / k2["copy_n"])
         assert all("prototype_score" in v for v in k2["per_class_shots"].values())
         if task == "classify":
@@ -329,7 +332,7 @@ def test_cli_order_ensemble_keeps_the_drawn_order_as_first_order_score(corpus, t
     # the same episodes: the ensemble's first order is the drawn one, scored as with --orders 1
     assert row3["first_order_score"] == pytest.approx(row1["score"])
     assert row3["prototype_score"] == pytest.approx(row1["prototype_score"])
-    for key in ("score", "blind_score", "calibrated_score", "normalized_score", "copy_score"):
+    for key in ("score", "blind_score", "calibrated_score", "support_calibrated_score", "normalized_score", "copy_score"):
         assert 0.0 <= row3[key] <= 1.0
     # RICES fixes the order (the most similar last): an ensemble over orders is refused
     assert _run_cli([*args, "--orders", "3", "--selection", "rices", "--out", str(tmp_path / "r.json")]) == 2

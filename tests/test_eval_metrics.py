@@ -7,7 +7,7 @@ import torch
 
 from engine.eval import metrics as M
 from engine.eval.shots import Rices, prototype_pick, random_support, spread_over_classes, support_orders
-from engine.eval.scoring import calibrate
+from engine.eval.scoring import calibrate, mean_distribution
 
 
 # ----- VQA normalisation and accuracy -----------------------------------------------------------
@@ -148,6 +148,28 @@ def test_calibration_math():
     assert int(p.argmax()) == 0 and int(got.argmax()) == 1  # calibration changes the decision
     # a content-free input with a uniform prediction changes nothing
     assert torch.allclose(calibrate(p.log(), torch.zeros(3)).exp(), p, atol=1e-6)
+
+
+def test_mean_distribution_is_the_mean_of_normalised_predictions():
+    a, b = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.6, 0.3])
+    got = mean_distribution(torch.stack([a.log() + 5.0, b.log() - 2.0])).exp()  # each normalised first
+    assert torch.allclose(got, (a + b) / 2, atol=1e-6)
+    assert torch.allclose(mean_distribution(a.log()[None]).exp(), a, atol=1e-6)
+    with pytest.raises(ValueError):
+        mean_distribution(torch.zeros(0, 3))
+
+
+def test_support_prior_removes_a_pull_that_copies_show():
+    """The naming case support calibration is for: the model leans toward candidate 0 (a name shown
+    more often) even when the query is a copy of another class's example; the mean of its
+    predictions on one copy per class estimates that lean, and dividing by it flips a query of
+    class 1 that the raw ranking gives to class 0."""
+    copies = torch.tensor([[0.90, 0.05, 0.05],   # query = copy of class 0's example
+                           [0.55, 0.40, 0.05],   # copy of class 1's: still pulled toward 0
+                           [0.50, 0.05, 0.45]]).log()
+    query = torch.tensor([0.50, 0.42, 0.08]).log()  # a new picture of class 1
+    assert int(query.argmax()) == 0
+    assert int(calibrate(query, mean_distribution(copies)).argmax()) == 1
 
 
 def test_pick_breaks_ties_at_random_not_by_position():

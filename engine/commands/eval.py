@@ -130,7 +130,7 @@ def run(args) -> int:
     }
     json_path, png = write_report(args.out, payload)
     for r in out["results"]:
-        extra = "".join(f" {k}={r[k]:.4f}" for k in ("blind_score", "calibrated_score", "normalized_score", "chance") if isinstance(r.get(k), float))
+        extra = "".join(f" {k}={r[k]:.4f}" for k in ("blind_score", "calibrated_score", "support_calibrated_score", "normalized_score", "chance") if isinstance(r.get(k), float))
         print(f"{args.task} shots={r['shots']} {r['metric']}={r['score']:.4f}{extra} (n={r['n']})", file=sys.stderr)
     print(f"wrote {json_path} and {png}", file=sys.stderr)
     return 0

@@ -54,6 +54,7 @@ CURVES = (
     ("score", "std", {"marker": "o"}, "model"),
     ("first_order_score", None, {"marker": ".", "linestyle": ":", "color": "tab:gray"}, "model, drawn order alone"),
     ("calibrated_score", "calibrated_std", {"marker": "s", "linestyle": ":"}, "calibrated"),
+    ("support_calibrated_score", None, {"marker": "P", "linestyle": ":", "color": "tab:cyan"}, "calibrated by the support"),
     ("blind_score", "blind_std", {"marker": "x", "linestyle": "--", "color": "tab:red"}, "image-blind"),
     ("prototype_score", None, {"marker": "d", "linestyle": "-.", "color": "tab:purple"}, "vision-only prototype"),
     ("token_prototype_score", None, {"marker": "v", "linestyle": "-.", "color": "tab:brown"}, "visual-token prototype"),
@@ -116,7 +117,7 @@ def write_report(json_path: str | Path, payload: dict) -> tuple[Path, Path]:
 
 
 # The controls shown beside a score in the summary table, in this order ("_score"/"_rate" dropped).
-TABLE_CONTROLS = ("first_order_score", "blind_score", "calibrated_score", "normalized_score", "prototype_score", "token_prototype_score", "copy_score", "majority_baseline", "reference_score", "chance",
+TABLE_CONTROLS = ("first_order_score", "blind_score", "calibrated_score", "support_calibrated_score", "normalized_score", "prototype_score", "token_prototype_score", "copy_score", "majority_baseline", "reference_score", "chance",
                   "named_rate", "blind_named_rate", "support_copy_rate", "support_shows_rate")
 
 

@@ -12,6 +12,9 @@ Contextual calibration (Zhao et al. 2021, "Calibrate before use"): the candidate
 for a content-free input -- the same few-shot prompt with the query image replaced by a blank
 image -- estimate the model's prior bias towards each answer; dividing by them
 (p_cal(c) ∝ p(c | x) / p(c | content-free)) removes it. `calibrate` does this in log space.
+A blank image is one estimate of that prior; `mean_distribution` builds another from several
+inputs (for few-shot naming: the query replaced by a copy of each class's example, see
+engine.eval.tasks), whose mean prediction is what the model answers on a class-balanced set.
 """
 from __future__ import annotations
 
@@ -372,6 +375,14 @@ def calibrate(logp: torch.Tensor, logp_content_free: torch.Tensor) -> torch.Tens
     p = F.log_softmax(logp.float(), dim=-1)
     p_cf = F.log_softmax(logp_content_free.float(), dim=-1)
     return F.log_softmax(p - p_cf, dim=-1)
+
+
+def mean_distribution(logps: torch.Tensor) -> torch.Tensor:
+    """(K, C) log-scores of K inputs -> (C,) log of the mean of their distributions over the C
+    candidates (each normalised first): a prior for `calibrate` estimated from several inputs."""
+    if logps.ndim != 2 or logps.shape[0] == 0:
+        raise ValueError(f"expected (K >= 1, C) log-scores, got {tuple(logps.shape)}")
+    return torch.logsumexp(F.log_softmax(logps.float(), dim=-1), dim=0) - torch.log(torch.tensor(float(logps.shape[0])))
 
 
 def pick(scores: torch.Tensor, rng=None, tol: float = 1e-5) -> int:

@@ -32,7 +32,7 @@ from ..data.names import with_article
 from . import metrics as M
 from .datasets import subset
 from .scoring import (MediaBank, calibrate, decode_text, encode_text, greedy_generate, greedy_generate_lm,
-                      greedy_generate_variants, pick,
+                      greedy_generate_variants, mean_distribution, pick,
                       score_continuations)
 from .shots import Rices, prototype_pick, random_support, spread_over_classes, support_orders
 
@@ -398,7 +398,9 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
       (the resampler's output, what the LM reads);
     - `copy_score`: the model's accuracy when the query picture is replaced by an exact copy of
       the last example of its class (over the queries whose class has one): the ceiling of the
-      LM's reading when matching pictures is trivial.
+      LM's reading when matching pictures is trivial;
+    - `support_calibrated_score`: contextual calibration with the prior taken from the support
+      instead of a blank picture (see `_naming_scores`).
     With `settings.orders` > 1 (random selection) each episode ranks by the mean over that many
     orders of its support (an order ensemble against the pull toward the names shown last), and
     the row adds `first_order_score`: the drawn order alone, as with one order."""
@@ -441,7 +443,10 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
             for key, v in hits.items():
                 per_seed[key].append(M.mean(v))
                 pooled[key] += v
-        controls = {f"{key}_score": M.mean(per_seed[key]) for key in ("prototype", "token_prototype") if key in per_seed}
+        controls = {f"{key}_score": M.mean(per_seed[key])
+                    for key in ("prototype", "token_prototype", "support_calibrated") if key in per_seed}
+        if "support_calibrated" in per_seed:
+            controls["support_calibrated_seeds"] = per_seed["support_calibrated"]
         if "copy" in pooled:
             controls.update(copy_score=M.mean(pooled["copy"]), copy_n=len(pooled["copy"]))
         if "first_order" in per_seed:
@@ -467,7 +472,7 @@ def _score_naming_episode(r: Runner, qi: int, cands: list[str], sup: list[int], 
     y = labels[qi]
     conts = [r.tokens(naming_continuation(c)) for c in cands]
     orders = support_orders(sup, r.settings.orders, random.Random(f"orders:{qi}:{sup}"))
-    per_order = [_naming_scores(r, qi, order, conts, labels) for order in orders]
+    per_order = [_naming_scores(r, qi, order, cands, conts, labels) for order in orders]
     scores = {key: torch.stack([o[key] for o in per_order]).mean(0) for key in per_order[0]}
     gold = cands.index(y)
     preds = {key: pick(v, rng) for key, v in scores.items()}
@@ -483,26 +488,38 @@ def _score_naming_episode(r: Runner, qi: int, cands: list[str], sup: list[int], 
     return {"hits": hits, "n_y": sum(labels[j] == y for j in sup), "sample": sample}
 
 
-def _naming_scores(r: Runner, qi: int, sup: Sequence[int], conts: list[list[int]], labels: Sequence[str]) -> dict[str, torch.Tensor]:
-    """(C,) log-probabilities of the candidates, normalised over them, after the support in this
-    order and the query: raw, calibrated (contextual calibration), normalized (per token, so long
-    names are not penalised), blind (blank pictures) and, when the query's class has an example,
-    copy (the query picture replaced by a copy of that class's last example)."""
+def _naming_scores(r: Runner, qi: int, sup: Sequence[int], cands: Sequence[str], conts: list[list[int]],
+                   labels: Sequence[str]) -> dict[str, torch.Tensor]:
+    """(C,) log-probabilities of the candidates `cands` (tokenised as `conts`), normalised over
+    them, after the support in this order and the query:
+    - raw; normalized (per token, so long names are not penalised); blind (blank pictures);
+    - calibrated: contextual calibration, the prior being the prediction for a blank query;
+    - support_calibrated (with examples): the prior is the mean prediction when the query is
+      replaced by a copy of each candidate's last example, i.e. on a class-balanced set of
+      queries that are trivial to match. What it divides out is the pull toward names shown more
+      often or more recently, which the model shows even on such copies, and which a blank
+      picture estimates badly. It uses every candidate alike, not the query's label;
+    - copy (when the query's class has an example): the query replaced by that class's copy."""
     items, y = r.items, labels[qi]
     chunks = [(items[j]["media"], naming_example(labels[j])) for j in sup]
     n_query = len(items[qi]["media"])
     chunks.append((items[qi]["media"], MEDIA * n_query + NAMING_PREFIX))
     ids, paths = r.prompt(chunks)
-    same = [j for j in sup if labels[j] == y and len(items[j]["media"]) == n_query]
-    variants = [r.real(paths), r.content_free(paths, n_query)]
-    if same:
-        variants.append(r.real(paths[:-n_query]) + r.real(items[same[-1]]["media"]))
+    context = r.real(paths[:-n_query])
+    copies: dict[str, list[torch.Tensor]] = {}  # candidate -> media with the query replaced by its last example
+    for c in cands:
+        same = [j for j in sup if labels[j] == c and len(items[j]["media"]) == n_query]
+        if same:
+            copies[c] = context + r.real(items[same[-1]]["media"])
+    variants = [r.real(paths), r.content_free(paths, n_query), *copies.values()]
     s = score_continuations(r.model, ids, variants, conts).float()
     b = score_continuations(r.model, ids, [r.blind(paths)], conts).float()
     lengths = torch.tensor([len(c) for c in conts], dtype=s.dtype, device=s.device)
     out = {"raw": s[0], "calibrated": calibrate(s[0], s[1]), "blind": b[0], "normalized": s[0] / lengths}
-    if same:
-        out["copy"] = s[2]
+    if copies:
+        out["support_calibrated"] = calibrate(s[0], mean_distribution(s[2:]))
+    if y in copies:
+        out["copy"] = s[2 + list(copies).index(y)]
     return {key: F.log_softmax(v, dim=-1) for key, v in out.items()}
 
 
