@@ -301,6 +301,10 @@ def test_summary_table_lists_every_report_row_with_its_controls(tmp_path):
     assert lines[2:] == ["| caption | 4 | CIDEr | 2.294 | 40 | named 0.350, support_shows 0.600 |",
                          "| vqa | 0 | VQA accuracy | 0.287 | 80 | blind 0.163, majority_baseline 0.075 |",
                          "| vqa | 4 | VQA accuracy | 0.312 | 80 |  |"]  # NaN was written as null: no control
+    # other output in the folder (a diagnostic's JSON line, a truncated file) does not stop the table
+    (tmp_path / "order.json").write_text('{"reversed": 0.8}\n')
+    (tmp_path / "broken.json").write_text("Loaded pretrained weights\n{")
+    assert summary_table(tmp_path).splitlines() == lines
 
 
 def test_naming_outcome_tells_the_query_name_from_a_copied_support_name():
@@ -477,6 +481,42 @@ def test_probe_reads_a_property_from_features_and_not_from_constants(tmp_path):
     assert result["tower_features"] == 1.0
     assert 0.0 <= result["visual_tokens"] <= 1.0
     assert main(["--model", str(tmp_path / "missing"), "--data", str(tmp_path / "probe.jsonl")]) == 2
+
+
+
+@pytest.mark.parametrize("command", ["probe", "order"])
+def test_diagnostics_print_their_json_alone_on_stdout(tmp_path, monkeypatch, capfd, command):
+    """What a library prints while the model loads (efficientnet_lite prints a line, at the file
+    descriptor or in Python) goes to stderr: stdout is the JSON result, redirectable to a file."""
+    import importlib
+    import os
+
+    from engine.model import FlamingoModel
+    from engine.testing import tiny_model
+
+    def noisy_load(*args, **kwargs):
+        print("Loaded pretrained weights for efficientnet-lite0")
+        os.write(1, b"native library noise\n")
+        return tiny_model()
+
+    monkeypatch.setattr(FlamingoModel, "from_pretrained", staticmethod(noisy_load))
+    (tmp_path / "media").mkdir()
+    rows = []
+    for i in range(6):
+        colour = "red" if i % 2 else "blue"
+        if command == "probe":
+            _image(tmp_path / f"media/{i}.png", colour, i)
+            rows.append({"media": [f"media/{i}.png"], "background": colour})
+        else:
+            _video(tmp_path / f"media/{i}.gif", colour, "right")
+            rows.append({"media": [str(tmp_path / f"media/{i}.gif")]})
+    _write(tmp_path / "items.jsonl", rows)
+    args = ["--model", "any", "--data", str(tmp_path / "items.jsonl")]
+    main = importlib.import_module(f"engine.eval.{command}").main
+    assert main([*args, "--train", "4", "--no-progress"] if command == "probe" else args) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["model"] == "any"
+    assert "Loaded pretrained weights" in err and "native library noise" in err
 
 
 def test_order_similarity_is_one_without_time_embeddings_and_drops_with_them(tmp_path):

@@ -10,11 +10,11 @@ streamed to stdout as it is generated; logs and errors go to stderr (exit 2 for 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
+
+from ..stdio import stdout_to_stderr
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         conversation, settings = _request(args)
         from ..chat import ChatEngine
 
-        with _stdout_to_stderr():  # libraries that print while loading (even from C/Rust) stay off stdout
+        with stdout_to_stderr():  # libraries that print while loading (even from C/Rust) stay off stdout
             engine = ChatEngine.load(args.model, args.device)
         log.info("model: %s", engine.describe())
         stream = engine.stream(conversation, settings)
@@ -86,19 +86,6 @@ def _request(args):
     )
     check_settings(settings)
     return Conversation(turns=[Turn("user", text, list(args.media))]), settings
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _print_stream(stream) -> None:

@@ -52,10 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=20, help="clips to use (default 20)")
     args = p.parse_args(argv)
     from ..model import FlamingoModel
+    from ..stdio import stdout_to_stderr
 
     try:
         paths = [it["media"][0] for it in read_jsonl(args.data)[: args.limit]]
-        model = FlamingoModel.from_pretrained(args.model).eval()
+        with stdout_to_stderr():  # stdout holds the JSON result alone
+            model = FlamingoModel.from_pretrained(args.model).eval()
         result = order_similarity(model, paths)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -92,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     from ..model import FlamingoModel
+    from ..stdio import stdout_to_stderr
 
     try:
         items = read_jsonl(args.data)[: args.limit]
-        model = FlamingoModel.from_pretrained(args.model).eval()
+        with stdout_to_stderr():  # stdout holds the JSON result alone
+            model = FlamingoModel.from_pretrained(args.model).eval()
         result = run_probe(model, items, args.field, args.train, progress=not args.no_progress)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -127,10 +128,16 @@ def _control_name(key: str) -> str:
 
 def summary_table(folder: str | Path) -> str:
     """A markdown table of every report (*.json) in `folder`, one row per (report, shots, metric):
-    the table of the model card, written by `python -m engine.eval.report assets/model/eval`."""
+    the table of the model card, written by `python -m engine.eval.report assets/model/eval`.
+    A file that is not a JSON object is skipped with a warning (the folder may hold other output)."""
     lines = ["| task | shots | metric | score | n | controls |", "|---|---|---|---|---|---|"]
     for path in sorted(Path(folder).glob("*.json")):
-        for r in json.loads(path.read_text(encoding="utf-8")).get("results", []):
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            print(f"warning: skipped {path}: not JSON ({e})", file=sys.stderr)
+            continue
+        for r in payload.get("results", []) if isinstance(payload, dict) else []:
             controls = ", ".join(f"{_control_name(k)} {r[k]:.3f}" for k in TABLE_CONTROLS if _num(r.get(k)) is not None)
             lines.append(f"| {path.stem} | {r['shots']} | {r['metric']} | {r['score']:.3f} | {r['n']} | {controls} |")
     return "\n".join(lines)
