@@ -268,16 +268,51 @@ def test_cli_caption_on_a_jsonl_split(corpus, tmp_path):
     carries reference captions)."""
     out = tmp_path / "caption_seen.json"
     rc = _run_cli(["--model", "tiny", "--task", "caption", "--shots", "0,1", "--data", str(corpus / "recognize.test.jsonl"),
-                   "--seeds", "1", "--limit", "3", "--max-new-tokens", "4", "--out", str(out), "--no-progress"])
+                   "--seeds", "1", "--limit", "3", "--max-new-tokens", "4", "--zero-shot-texts", "0", "--out", str(out),
+                   "--no-progress"])
     assert rc == 0
     data = _check_report(out, "caption", [0, 1], ["CIDEr", "BLEU-4"])
     assert all(r["n"] == 3 for r in data["results"])
     assert {s["references"][0] for s in data["samples"]} <= {f"A drawing of a {lab}." for lab in ("cat", "dog", "apple")}
     cider = {r["shots"]: r for r in data["results"] if r["metric"] == "CIDEr"}
-    assert cider[0]["support_copy_rate"] == 0.0  # no support examples at 0 shots: nothing to copy
+    assert cider[0]["support_copy_rate"] == 0.0  # the picture alone at 0 shots: nothing to copy
     assert 0.0 <= cider[1]["named_rate"] + cider[1]["support_copy_rate"] <= 1.0
     assert 0.0 <= cider[1]["blind_named_rate"] + cider[1]["blind_support_copy_rate"] <= 1.0
     assert cider[0]["support_shows_rate"] == 0.0 and 0.0 <= cider[1]["support_shows_rate"] <= 1.0
+
+
+def test_zero_shot_captions_follow_text_only_examples(corpus, monkeypatch):
+    """The paper's zero-shot prompt: captions of other items, without their pictures, then the
+    query picture; --zero-shot-texts 0 leaves the picture alone; k-shot prompts are unchanged."""
+    from engine.eval.datasets import load_task_data
+    from engine.eval.tasks import EvalSettings, Runner, eval_caption
+    from engine.testing import tiny_model
+
+    model = tiny_model().eval()
+    prompts = []
+
+    def record(self, ids, paths, max_new):
+        prompts.append((model.tokenizer.decode(ids), list(paths)))
+        return "A drawing.", "A drawing."
+
+    monkeypatch.setattr(Runner, "generate_with_blind", record)
+    items = load_task_data("caption", corpus)
+    for texts in (2, 0):
+        prompts.clear()
+        out = eval_caption(model, items, EvalSettings(shots=[0, 2], seeds=1, limit=2, zero_shot_texts=texts, progress=False))
+        assert {r["text_examples"] for r in out["results"] if r["shots"] == 0} == {texts}
+        zero, two = prompts[:2], prompts[2:]
+        for text, paths in zero:
+            assert len(paths) == 1 and text.count("<image>") == 1  # the query's picture only
+            assert text.count("<EOC>") == texts and text.rstrip().endswith("<image>")
+        for text, paths in two:
+            assert len(paths) == 3 and text.count("<image>") == 3 and text.count("<EOC>") == 2
+        if texts:
+            first = zero[0][0].split("<EOC>")[0]
+            captions = {c for it in items for c in it["captions"]}
+            assert any(first.endswith(c.strip()) for c in captions)  # an item's caption, as written
+    with pytest.raises(ValueError, match="zero-shot-texts"):
+        EvalSettings(zero_shot_texts=-1).check()
 
 
 def test_caption_naming_scores_the_blind_control_and_what_the_support_showed():

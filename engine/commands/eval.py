@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--orders", type=_positive("--orders"), default=1,
                    help="classify, recognize: rank by the mean over this many orders of each episode's support "
                         "(the drawn order first, then shuffles; random selection only)")
+    p.add_argument("--zero-shot-texts", type=int, default=2,
+                   help="caption: text-only examples (captions without their pictures) before a 0-shot query, "
+                        "the Flamingo paper's zero-shot prompt (default 2; 0: the picture alone)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -110,7 +113,8 @@ def run(args) -> int:
     shots = args.shots or default_shots(args.task)
     settings = EvalSettings(shots=shots, seeds=args.seeds, selection=args.selection, limit=args.limit, way=args.way,
                             num_frames=args.num_frames, max_new_tokens=args.max_new_tokens, turns=args.turns,
-                            history=args.history, orders=args.orders, progress=not args.no_progress)
+                            history=args.history, orders=args.orders, zero_shot_texts=args.zero_shot_texts,
+                            progress=not args.no_progress)
     settings.check()
     items = None if args.task == "text" else load_task_data(args.task, args.data)  # bad data fails before the model loads
     started = time.time()
@@ -124,7 +128,7 @@ def run(args) -> int:
         "data": None if args.task == "text" else str(args.data),
         "settings": {"shots": shots, "seeds": args.seeds, "selection": args.selection, "limit": args.limit, "way": args.way,
                      "num_frames": args.num_frames, "max_new_tokens": args.max_new_tokens, "turns": args.turns,
-                     "history": args.history, "orders": args.orders},
+                     "history": args.history, "orders": args.orders, "zero_shot_texts": args.zero_shot_texts},
         "info": {**out.get("info", {}), "seconds": round(time.time() - started, 1)},
         "samples": out.get("samples", []),
     }

@@ -5,6 +5,8 @@ Prompts use the corpus's own templates (engine/data/templates.py), so the built-
 evaluated in the format it was trained on:
 
     caption   <image>A drawing of a cat.<EOC> ... <image>                  -> greedy caption
+              (0 shots: A drawing of a cat.<EOC>A picture of a boat.<EOC><image>, the paper's
+              zero-shot prompt: text-only examples say what the task is)
     vqa       <image>Question: q Answer: a<EOC> ... <image>Question: q Answer:   -> greedy answer
     classify  <image>This is a dax.<EOC> ... <image>This is  + " a dax.<EOC>"    -> ranked names
     video_qa  <image>Question: q Answer: a<EOC> ... <image>Question: q Answer:  + " left<EOC>"
@@ -64,6 +66,10 @@ class EvalSettings:
     turns: int = 3  # dialogue: questions per dialogue
     history: str = "own"  # dialogue: "own" answers or the "reference" answers as history
     orders: int = 1  # classify / recognize: rank by the mean over this many orders of the support
+    # caption at 0 shots: this many text-only examples (captions without their pictures, drawn at
+    # random) before the query picture: the Flamingo paper's zero-shot prompt, which says what the
+    # task is without showing a picture; 0 leaves the query picture alone
+    zero_shot_texts: int = 2
     progress: bool = True
 
     def check(self) -> None:
@@ -84,6 +90,8 @@ class EvalSettings:
             raise ValueError(f"dialogue turns must be at least 2, got {self.turns}")
         if self.orders < 1:
             raise ValueError(f"--orders must be at least 1, got {self.orders}")
+        if not 0 <= self.zero_shot_texts <= MAX_SHOTS:
+            raise ValueError(f"--zero-shot-texts must be between 0 and {MAX_SHOTS}, got {self.zero_shot_texts}")
         if self.orders > 1 and self.selection == "rices":
             raise ValueError("--orders > 1 needs --selection random: RICES fixes the order (the most similar last)")
         if self.history not in ("own", "reference"):
@@ -93,6 +101,11 @@ class EvalSettings:
 # ----- templates (the corpus's) ---------------------------------------------------------------------
 def caption_example(caption: str) -> str:
     return T.chunk(caption.strip())
+
+
+def caption_text(caption: str) -> str:
+    """A caption as a text-only example (0-shot prompts): the chunk without its picture."""
+    return caption_example(caption).removeprefix(MEDIA)
 
 
 def vqa_example(question: str, answer: str) -> str:
@@ -206,6 +219,11 @@ class Runner:
             return self.rices.select(queries[0], k, pool)
         return random_support(pool, k, random.Random(f"{self.task}:{seed}:{queries[0]}"), self.max_shots)
 
+    def text_examples(self, query: int, n: int) -> list[int]:
+        """n items whose text (not their media) goes before a 0-shot query: random whatever the
+        selection, since RICES would pick the captions of the pictures most like the query."""
+        return random_support(self.eligible([query]), n, random.Random(f"{self.task}:text:{query}"))
+
     def seeds_for(self, k: int, episodic: bool = False) -> list[int]:
         """Seeds worth running: one when nothing is random (0 shots, or RICES) unless the task
         draws episodes."""
@@ -300,9 +318,13 @@ def eval_caption(model, items: list[dict], settings: EvalSettings, bank: MediaBa
         for seed in r.seeds_for(k):
             refs, preds, blind_preds, names = [], [], [], []
             for qi in queries:
-                sup = r.support([qi], k, seed)
-                chunks = [(items[j]["media"], caption_example(random.Random(f"cap:{seed}:{j}").choice(items[j]["captions"])))
-                          for j in sup]
+                if k == 0:  # the paper's zero-shot prompt: examples of the task's text, no pictures
+                    sup = r.text_examples(qi, settings.zero_shot_texts)
+                    chunks = [([], caption_text(random.Random(f"cap:{seed}:{j}").choice(items[j]["captions"]))) for j in sup]
+                else:
+                    sup = r.support([qi], k, seed)
+                    chunks = [(items[j]["media"], caption_example(random.Random(f"cap:{seed}:{j}").choice(items[j]["captions"])))
+                              for j in sup]
                 chunks.append((items[qi]["media"], MEDIA * len(items[qi]["media"])))
                 ids, paths = r.prompt(chunks)
                 pred, bpred = map(clean_caption, r.generate_with_blind(ids, paths, max_new))
@@ -323,6 +345,8 @@ def eval_caption(model, items: list[dict], settings: EvalSettings, bank: MediaBa
                 naming.append({key: M.mean([n[key] for n in names]) for key in names[0]})
         for name in scores:
             extra = _mean_over_seeds(naming) if naming and name == "CIDEr" else {}
+            if k == 0:
+                extra["text_examples"] = settings.zero_shot_texts
             results.append(_row(k, name, scores[name], len(queries), blind[name], **extra))
     bar.close()
     return {"results": results, "samples": samples, "info": {"queries": len(queries), "pool": len(items)}}
