@@ -52,7 +52,8 @@ data: $(APP_OK) debian-deps
 # cycle without made-up names' first mentions in the loss) -> stage 5 (the resampler learns frame
 # order from the clips' motion labels, pictures' tokens held in place) -> stage 6 (stage 4's mix
 # plus motion captions and direction questions) -> stage 7 (the resampler learns the pictures'
-# background colour, the rest held in place) -> stage 8 (stage 6's mix again) -> fp16 export ->
+# background colour, the rest held in place) -> stage 8 (stage 6's mix again) -> stage 9 (the mix
+# with background-colour questions in half of the scene questions' place) -> fp16 export ->
 # evaluation into
 # assets/model/eval (the model card's numbers). Every stage resumes from its checkpoints.
 default-model: data
@@ -65,7 +66,8 @@ default-model: data
 	$(PY) -m engine train --config configs/default_model_motion_mix.yaml
 	$(PY) -m engine train --config configs/default_model_colour_probe.yaml
 	$(PY) -m engine train --config configs/default_model_colour_mix.yaml
-	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model_colour_mix/model').save_pretrained('assets/model', dtype=torch.float16)"
+	$(PY) -m engine train --config configs/default_model_colour_share.yaml
+	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model_colour_share/model').save_pretrained('assets/model', dtype=torch.float16)"
 	$(MAKE) eval-default
 
 EVAL := $(PY) -m engine eval --model assets/model --data $(CORPUS) --no-progress
