@@ -53,9 +53,10 @@ data: $(APP_OK) debian-deps
 # order from the clips' motion labels, pictures' tokens held in place) -> stage 6 (stage 4's mix
 # plus motion captions and direction questions) -> stage 7 (the resampler learns the pictures'
 # background colour, the rest held in place) -> stage 8 (stage 6's mix again) -> stage 9 (the mix
-# with background-colour questions in half of the scene questions' place) -> fp16 export ->
-# evaluation into
-# assets/model/eval (the model card's numbers). Every stage resumes from its checkpoints.
+# with background-colour questions in half of the scene questions' place) -> stage 10 (stage 9's
+# mix again on other batches; the built-in model is the mean of stage 9's and stage 10's weights,
+# written in fp16) -> evaluation into assets/model/eval (the model card's numbers). Every stage
+# resumes from its checkpoints.
 default-model: data
 	$(PY) -m engine.data.prepare --corpus $(CORPUS)
 	$(PY) -m engine train --config configs/default_model.yaml
@@ -67,7 +68,8 @@ default-model: data
 	$(PY) -m engine train --config configs/default_model_colour_probe.yaml
 	$(PY) -m engine train --config configs/default_model_colour_mix.yaml
 	$(PY) -m engine train --config configs/default_model_colour_share.yaml
-	$(PY) -c "import torch; from engine.model import FlamingoModel as M; M.from_pretrained('runs/default_model_colour_share/model').save_pretrained('assets/model', dtype=torch.float16)"
+	$(PY) -m engine train --config configs/default_model_colour_share2.yaml
+	$(PY) -m engine.soup --out assets/model --dtype float16 runs/default_model_colour_share/model runs/default_model_colour_share2/model
 	$(MAKE) eval-default
 
 EVAL := $(PY) -m engine eval --model assets/model --data $(CORPUS) --no-progress
