@@ -31,6 +31,7 @@ NEW_BLOCK_INITS = ("random", "copy_nearest")
 
 WEIGHTS_NAME = "flamingo.safetensors"
 CONFIG_NAME = "flamingo_config.json"
+WEIGHTS_METADATA = {"format": "flamingo-engine"}  # stored in every weights file this engine writes
 
 
 class FlamingoDecoderLayer(nn.Module):
@@ -316,7 +317,7 @@ class FlamingoModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_NAME)
         sd = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        save_file(sd, directory / WEIGHTS_NAME, metadata={"format": "flamingo-engine"})
+        save_file(sd, directory / WEIGHTS_NAME, metadata=WEIGHTS_METADATA)
 
     @classmethod
     def from_config(cls, config: FlamingoConfig, dtype: torch.dtype = torch.float32) -> "FlamingoModel":

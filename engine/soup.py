@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import FlamingoConfig
-from .model import CONFIG_NAME, WEIGHTS_NAME
+from .model import CONFIG_NAME, WEIGHTS_METADATA, WEIGHTS_NAME
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -59,7 +59,7 @@ def save_average(directories: Sequence[str | Path], out: str | Path, dtype: torc
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / CONFIG_NAME)
     save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, out / WEIGHTS_NAME,
-              metadata={"format": "flamingo-engine"})
+              metadata=WEIGHTS_METADATA)
     return out
 
 
