@@ -1,6 +1,7 @@
 """engine.eval with the tiny model: the cached candidate scorer against a naive forward, greedy
 decoding, the readers, and `eval` end to end on a tiny corpus written here."""
 import json
+import math
 import random
 
 import pytest
@@ -252,6 +253,14 @@ def test_cli_writes_contract_json_and_png(corpus, tmp_path, task, extra, shots, 
         assert all("prototype_score" in v for v in k2["per_class_shots"].values())
         if task == "classify":
             assert len(k2["seeds"]) == 2
+    if task in ("classify", "recognize", "vqa", "video_qa"):
+        # the standard error over queries: for recognize's one seed each query scores 0 or 1, so
+        # it is sqrt(p (1 - p) / (n - 1)) of the score p
+        assert all(r["stderr"] >= 0.0 for r in rows if r["metric"] != "accuracy (caption format)")
+        if task == "recognize":
+            for r in rows:
+                p = r["score"]
+                assert r["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (r["n"] - 1)))
     if task == "vqa":
         assert all("majority_baseline" in r and "per_qtype" in r for r in rows)
         assert sum(v["n"] for v in rows[0]["per_split"].values()) == 3
@@ -328,13 +337,13 @@ def test_summary_table_lists_every_report_row_with_its_controls(tmp_path):
     from engine.eval.report import summary_table, write_json
 
     write_json(tmp_path / "vqa.json", {"task": "vqa", "results": [
-        {"shots": 0, "metric": "VQA accuracy", "score": 0.2875, "n": 80, "blind_score": 0.1625, "majority_baseline": 0.075},
+        {"shots": 0, "metric": "VQA accuracy", "score": 0.2875, "n": 80, "stderr": 0.0504, "blind_score": 0.1625, "majority_baseline": 0.075},
         {"shots": 4, "metric": "VQA accuracy", "score": 0.3125, "n": 80, "blind_score": float("nan")}]})
     write_json(tmp_path / "caption.json", {"task": "caption", "results": [
         {"shots": 4, "metric": "CIDEr", "score": 2.2944, "n": 40, "named_rate": 0.35, "support_shows_rate": 0.6}]})
     lines = summary_table(tmp_path).splitlines()
     assert lines[2:] == ["| caption | 4 | CIDEr | 2.294 | 40 | named 0.350, support_shows 0.600 |",
-                         "| vqa | 0 | VQA accuracy | 0.287 | 80 | blind 0.163, majority_baseline 0.075 |",
+                         "| vqa | 0 | VQA accuracy | 0.287 ± 0.050 | 80 | blind 0.163, majority_baseline 0.075 |",
                          "| vqa | 4 | VQA accuracy | 0.312 | 80 |  |"]  # NaN was written as null: no control
     # other output in the folder (a diagnostic's JSON line, a truncated file) does not stop the table
     (tmp_path / "order.json").write_text('{"reversed": 0.8}\n')
@@ -579,3 +588,11 @@ def test_order_similarity_is_one_without_time_embeddings_and_drops_with_them(tmp
         order_similarity(model, [paths[0], str(tmp_path / "media/still.png")])
     _write(tmp_path / "clips.jsonl", [{"media": [f"media/{i}.gif"]} for i in range(3)])
     assert main(["--model", str(tmp_path / "missing"), "--data", str(tmp_path / "clips.jsonl")]) == 2
+
+
+def test_standard_error_is_the_spread_of_a_mean_over_queries():
+    from engine.eval.metrics import standard_error
+
+    assert standard_error([1.0, 0.0, 1.0, 0.0]) == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert standard_error([0.5] * 10) == 0.0 and standard_error([1.0]) == 0.0
+    assert standard_error([1.0, 0.0] * 32) == pytest.approx(math.sqrt(0.25 * 64 / 63) / 8)

@@ -1,7 +1,7 @@
 """The evaluation report: the contract JSON
 
     {"model": ..., "task": ..., "results": [{"shots": k, "metric": name, "score": x, "n": count,
-     ...extra: "std", "seeds", "blind_score", "calibrated_score", "chance", ...}, ...], ...}
+     ...extra: "std", "stderr", "seeds", "blind_score", "calibrated_score", "chance", ...}, ...], ...}
 
 and a shots-vs-score plot beside it (FILE.png): one panel per metric, error bars = the spread
 (std) over seeds, the image-blind control dashed, the calibrated score dotted, the vision-only
@@ -127,7 +127,8 @@ def _control_name(key: str) -> str:
 
 
 def summary_table(folder: str | Path) -> str:
-    """A markdown table of every report (*.json) in `folder`, one row per (report, shots, metric):
+    """A markdown table of every report (*.json) in `folder`, one row per (report, shots, metric),
+    the score with its standard error over queries where the report has one (`± stderr`):
     the table of the model card, written by `python -m engine.eval.report assets/model/eval`.
     A file that is not a JSON object is skipped with a warning (the folder may hold other output)."""
     lines = ["| task | shots | metric | score | n | controls |", "|---|---|---|---|---|---|"]
@@ -139,7 +140,8 @@ def summary_table(folder: str | Path) -> str:
             continue
         for r in payload.get("results", []) if isinstance(payload, dict) else []:
             controls = ", ".join(f"{_control_name(k)} {r[k]:.3f}" for k in TABLE_CONTROLS if _num(r.get(k)) is not None)
-            lines.append(f"| {path.stem} | {r['shots']} | {r['metric']} | {r['score']:.3f} | {r['n']} | {controls} |")
+            score = f"{r['score']:.3f}" + (f" ± {r['stderr']:.3f}" if _num(r.get("stderr")) is not None else "")
+            lines.append(f"| {path.stem} | {r['shots']} | {r['metric']} | {score} | {r['n']} | {controls} |")
     return "\n".join(lines)
 
 

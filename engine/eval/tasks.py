@@ -273,9 +273,15 @@ class Runner:
                     disable=not self.settings.progress)
 
 
-def _row(shots: int, metric: str, per_seed: Sequence[float], n: int, blind: Sequence[float] | None = None, **extra) -> dict:
+def _row(shots: int, metric: str, per_seed: Sequence[float], n: int, blind: Sequence[float] | None = None,
+         per_query: Sequence[float] | None = None, **extra) -> dict:
+    """One result row. `std` is the spread over seeds (support draws); `stderr`, given each
+    query's score (its mean over seeds), the standard error over queries: the spread another
+    sample of as many queries would show, which is what a comparison of two models must beat."""
     row = {"shots": shots, "metric": metric, "score": M.mean(per_seed), "n": n, "std": M.std(per_seed),
            "seeds": [float(x) for x in per_seed]}
+    if per_query is not None:
+        row["stderr"] = M.standard_error(per_query)
     if blind is not None:
         row["blind_score"] = M.mean(blind)
         row["blind_std"] = M.std(blind)
@@ -296,6 +302,11 @@ def _split_means(items: list[dict], queries: Sequence[int], per_seed: Sequence[d
         if qs:
             out[name] = {"score": M.mean([M.mean([d[q] for q in qs]) for d in per_seed]), "n": len(qs)}
     return out
+
+
+def _per_query(per_seed: Sequence[dict], queries: Sequence[int]) -> list[float]:
+    """Each query's score averaged over the seeds, from one {query: score} dict per seed."""
+    return [M.mean([d[q] for d in per_seed]) for q in queries]
 
 
 def _mean_over_seeds(dicts: Sequence[dict]) -> dict:
@@ -405,7 +416,7 @@ def eval_vqa(model, items: list[dict], settings: EvalSettings, bank: MediaBank |
                          "n": sum(1 for q in queries if items[q].get("qtype", "all") == t)} for t in qtypes}
         extra = {"per_split": _split_means(items, queries, per_seed_acc)} if _has_splits(items, queries) else {}
         results.append(_row(k, "VQA accuracy", per_seed, len(queries), per_seed_blind,
-                            majority_baseline=M.mean(list(major_acc.values())), per_qtype=breakdown, **extra))
+                            per_query=_per_query(per_seed_acc, queries), majority_baseline=M.mean(list(major_acc.values())), per_qtype=breakdown, **extra))
     bar.close()
     return {"results": results, "samples": samples, "info": {"queries": len(queries), "pool": len(items)}}
 
@@ -449,8 +460,10 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
         # accuracy (and the vision-only prototype's) by the number of examples the query's class got
         by_shots: dict[int, list[float]] = defaultdict(list)
         by_shots_proto: dict[int, list[float]] = defaultdict(list)
+        per_seed_hit: list[dict[int, float]] = []
         for seed in r.seeds_for(k, episodic=True):
             hits: dict[str, list[float]] = defaultdict(list)
+            per_seed_hit.append({})
             for qi in queries:
                 rng = random.Random(f"{task}:{seed}:{qi}")
                 cands, sup = _naming_episode(r, qi, labels[qi], classes, by_class, k, way, rng)
@@ -458,6 +471,7 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
                 for key, hit in out["hits"].items():
                     hits[key].append(hit)
                 hits["support"].append(float(len(sup)))
+                per_seed_hit[-1][qi] = out["hits"]["raw"]
                 by_shots[out["n_y"]].append(out["hits"]["raw"])
                 if "prototype" in out["hits"]:
                     by_shots_proto[out["n_y"]].append(out["hits"]["prototype"])
@@ -476,7 +490,7 @@ def eval_naming(model, items: list[dict], settings: EvalSettings, task: str = "c
         if "first_order" in per_seed:
             controls.update(orders=settings.orders, first_order_score=M.mean(per_seed["first_order"]))
         results.append(_row(k, "accuracy", per_seed["raw"], len(queries), per_seed["blind"],
-                            calibrated_score=M.mean(per_seed["calibrated"]), calibrated_std=M.std(per_seed["calibrated"]),
+                            per_query=_per_query(per_seed_hit, queries), calibrated_score=M.mean(per_seed["calibrated"]), calibrated_std=M.std(per_seed["calibrated"]),
                             calibrated_seeds=per_seed["calibrated"], normalized_score=M.mean(per_seed["normalized"]),
                             chance=1.0 / way, way=way, support_mean=M.mean(per_seed["support"]),
                             per_class_shots=_per_class_shots(by_shots, by_shots_proto), **controls))
@@ -637,8 +651,8 @@ def eval_video_qa(model, items: list[dict], settings: EvalSettings, bank: MediaB
                 cap_bl.append(M.mean(c[("caption", "blind")]))
         chance = M.mean([1.0 / len(items[q]["choices"]) for q in queries])
         extra = {"per_split": _split_means(items, queries, per_seed_acc)} if _has_splits(items, queries) else {}
-        results.append(_row(k, "accuracy", acc, len(queries), bl, calibrated_score=M.mean(cal), calibrated_std=M.std(cal),
-                            chance=chance, **extra))
+        results.append(_row(k, "accuracy", acc, len(queries), bl, per_query=_per_query(per_seed_acc, queries),
+                            calibrated_score=M.mean(cal), calibrated_std=M.std(cal), chance=chance, **extra))
         if captionable:
             results.append(_row(k, "accuracy (caption format)", cap_acc, len(queries), cap_bl, calibrated_score=M.mean(cap_cal),
                                 calibrated_std=M.std(cap_cal), chance=chance))
