@@ -53,9 +53,9 @@ data: $(APP_OK) debian-deps
 # order from the clips' motion labels, pictures' tokens held in place) -> stage 6 (stage 4's mix
 # plus motion captions and direction questions) -> stage 7 (the resampler learns the pictures'
 # background colour, the rest held in place) -> stage 8 (stage 6's mix again) -> stage 9 (the mix
-# with background-colour questions in half of the scene questions' place) -> stage 10 (stage 9's
-# mix again on other batches; the built-in model is the mean of stage 9's and stage 10's weights,
-# written in fp16) -> evaluation into assets/model/eval (the model card's numbers). Every stage
+# with background-colour questions in half of the scene questions' place) -> stages 10 and 11
+# (stage 9's mix again from stage 9, each on other batches; the built-in model is the mean of
+# stage 9's, 10's and 11's weights, written in fp16) -> evaluation into assets/model/eval (the model card's numbers). Every stage
 # resumes from its checkpoints.
 default-model: data
 	$(PY) -m engine.data.prepare --corpus $(CORPUS)
@@ -69,7 +69,9 @@ default-model: data
 	$(PY) -m engine train --config configs/default_model_colour_mix.yaml
 	$(PY) -m engine train --config configs/default_model_colour_share.yaml
 	$(PY) -m engine train --config configs/default_model_colour_share2.yaml
-	$(PY) -m engine.soup --out assets/model --dtype float16 runs/default_model_colour_share/model runs/default_model_colour_share2/model
+	$(PY) -m engine train --config configs/default_model_colour_share3.yaml
+	$(PY) -m engine.soup --out assets/model --dtype float16 runs/default_model_colour_share/model \
+		runs/default_model_colour_share2/model runs/default_model_colour_share3/model
 	$(MAKE) eval-default
 
 EVAL := $(PY) -m engine eval --model assets/model --data $(CORPUS) --no-progress
@@ -80,8 +82,8 @@ eval-default: $(APP_OK)
 	$(EVAL) --task classify  --shots 8 --seeds 3 --limit 200 --out $(EVAL_OUT)/classify_8shot_200.json
 	$(EVAL) --task classify  --shots 8 --seeds 3 --limit 200 --orders 6 --out $(EVAL_OUT)/classify_8shot_200_orders6.json
 	$(EVAL) --task recognize --limit 150 --out $(EVAL_OUT)/recognize.json
-	$(EVAL) --task vqa       --shots 0,4 --seeds 1 --limit 200 --out $(EVAL_OUT)/vqa.json
-	$(EVAL) --task video_qa  --shots 0 --limit 200 --out $(EVAL_OUT)/video_qa.json
+	$(EVAL) --task vqa       --shots 0,4 --seeds 1 --limit 1500 --out $(EVAL_OUT)/vqa.json
+	$(EVAL) --task video_qa  --shots 0 --limit 500 --out $(EVAL_OUT)/video_qa.json
 	$(EVAL) --task caption   --shots 0,4 --seeds 1 --limit 120 --out $(EVAL_OUT)/caption.json
 	$(EVAL) --task caption   --shots 0,4 --selection rices --limit 120 --out $(EVAL_OUT)/caption_rices.json
 	$(EVAL) --task caption   --shots 0,4 --seeds 1 --limit 120 --data $(CORPUS)/recognize.test.jsonl --out $(EVAL_OUT)/caption_seen.json
