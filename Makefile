@@ -55,8 +55,8 @@ data: $(APP_OK) debian-deps
 # background colour, the rest held in place) -> stage 8 (stage 6's mix again) -> stage 9 (the mix
 # with background-colour questions in half of the scene questions' place) -> stages 10 and 11
 # (stage 9's mix again from stage 9, each on other batches; the built-in model is the mean of
-# stage 9's, 10's and 11's weights, written in fp16) -> evaluation into assets/model/eval (the model card's numbers). Every stage
-# resumes from its checkpoints.
+# stage 9's, 10's and 11's weights, written in fp16) -> evaluation into assets/model/eval (the
+# model card's numbers). Every stage resumes from its checkpoints.
 default-model: data
 	$(PY) -m engine.data.prepare --corpus $(CORPUS)
 	$(PY) -m engine train --config configs/default_model.yaml
