@@ -266,6 +266,7 @@ def test_cli_writes_contract_json_and_png(corpus, tmp_path, task, extra, shots, 
         assert sum(v["n"] for v in rows[0]["per_split"].values()) == 3
     if task == "dialogue":
         assert rows[0]["dialogue_kind"] == "multi_image" and len(rows[0]["per_turn"]) == 2
+        assert rows[0]["stderr"] >= 0.0  # over dialogues, not turns
     if task == "caption":
         zero = next(r for r in rows if r["shots"] == 0)
         assert zero["seeds"] and len(zero["seeds"]) == 1  # nothing random at 0 shots: one run

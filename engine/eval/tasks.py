@@ -682,7 +682,8 @@ def eval_dialogue(model, items: list[dict], settings: EvalSettings, bank: MediaB
     """Several questions asked in turn; every turn is a VQA chunk (the image again, then
     "Question: q Answer: a<EOC>"), and each turn's answer -- the model's own by default, the
     reference with history="reference" -- is the history of the next. Scored per turn with VQA
-    accuracy."""
+    accuracy; `stderr` is over dialogues (each one's mean turn score), since the turns of a
+    dialogue are not independent samples."""
     r = Runner(model, items, settings, "dialogue", bank)
     dialogues, kind = build_dialogues(items, settings.turns)
     if not dialogues:
@@ -694,10 +695,10 @@ def eval_dialogue(model, items: list[dict], settings: EvalSettings, bank: MediaB
     results, samples = [], []
     bar = r.progress(sum(len(chosen) * len(r.seeds_for(k)) for k in settings.shots))
     for k in settings.shots:
-        per_seed, per_seed_blind, turn_scores, turn_blind = [], [], [], []
+        per_seed, per_seed_blind, turn_scores, turn_blind, per_seed_dialogue = [], [], [], [], []
         for seed in r.seeds_for(k):
-            by_turn, by_turn_blind = defaultdict(list), defaultdict(list)
-            for d in chosen:
+            by_turn, by_turn_blind, by_dialogue = defaultdict(list), defaultdict(list), {}
+            for i, d in enumerate(chosen):
                 sup = r.support(d, k, seed)
                 prefix = [(items[j]["media"], vqa_example(items[j]["question"], items[j]["answer"])) for j in sup]
                 history = {"real": [], "blind": []}
@@ -716,6 +717,7 @@ def eval_dialogue(model, items: list[dict], settings: EvalSettings, bank: MediaB
                     by_turn_blind[t].append(M.vqa_accuracy(answers["blind"], it["answers"]))
                     log_turns.append({"question": it["question"], "prediction": answers["real"],
                                       "blind_prediction": answers["blind"], "answers": it["answers"]})
+                by_dialogue[i] = M.mean([by_turn[t][-1] for t in range(len(d))])
                 if seed == r.seeds_for(k)[0] and len(samples) < NUM_SAMPLES * (settings.shots.index(k) + 1):
                     samples.append({"shots": k, "media": [items[q]["media"] for q in d], "turns": log_turns})
                 bar.update(1)
@@ -725,8 +727,9 @@ def eval_dialogue(model, items: list[dict], settings: EvalSettings, bank: MediaB
             per_seed_blind.append(M.mean(all_blind))
             turn_scores.append([M.mean(by_turn[t]) for t in range(n_turns)])
             turn_blind.append([M.mean(by_turn_blind[t]) for t in range(n_turns)])
+            per_seed_dialogue.append(by_dialogue)
         results.append(_row(k, "VQA accuracy", per_seed, sum(len(d) for d in chosen), per_seed_blind,
-                            dialogues=len(chosen), dialogue_kind=kind, history=settings.history,
+                            per_query=_per_query(per_seed_dialogue, range(len(chosen))), dialogues=len(chosen), dialogue_kind=kind, history=settings.history,
                             per_turn=[M.mean([s[t] for s in turn_scores]) for t in range(n_turns)],
                             per_turn_blind=[M.mean([s[t] for s in turn_blind]) for t in range(n_turns)]))
     bar.close()
