@@ -729,7 +729,8 @@ def eval_dialogue(model, items: list[dict], settings: EvalSettings, bank: MediaB
             turn_blind.append([M.mean(by_turn_blind[t]) for t in range(n_turns)])
             per_seed_dialogue.append(by_dialogue)
         results.append(_row(k, "VQA accuracy", per_seed, sum(len(d) for d in chosen), per_seed_blind,
-                            per_query=_per_query(per_seed_dialogue, range(len(chosen))), dialogues=len(chosen), dialogue_kind=kind, history=settings.history,
+                            per_query=_per_query(per_seed_dialogue, range(len(chosen))), dialogues=len(chosen),
+                            dialogue_kind=kind, history=settings.history,
                             per_turn=[M.mean([s[t] for s in turn_scores]) for t in range(n_turns)],
                             per_turn_blind=[M.mean([s[t] for s in turn_blind]) for t in range(n_turns)]))
     bar.close()
