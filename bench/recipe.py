@@ -47,22 +47,22 @@ import torch
 META = "bench_meta.json"
 
 
-def recipe_configs(makefile: Path = ROOT / "Makefile") -> list[Path]:
+def target_recipe(target: str, makefile: Path = ROOT / "Makefile") -> str:
+    """The command lines of a Makefile target."""
+    found = re.search(rf"^{re.escape(target)}:.*?\n((?:\t.*\n)+)", makefile.read_text(), re.M)
+    if found is None:
+        raise ValueError(f"{makefile}: no {target} target")
+    return found.group(1)
+
+
+def recipe_configs() -> list[Path]:
     """The configs `make default-model` trains, in order."""
-    text = makefile.read_text()
-    target = re.search(r"^default-model:.*?\n((?:\t.*\n)+)", text, re.M)
-    if target is None:
-        raise ValueError(f"{makefile}: no default-model target")
-    return [ROOT / c for c in re.findall(r"engine train --config (\S+)", target.group(1))]
+    return [ROOT / c for c in re.findall(r"engine train --config (\S+)", target_recipe("default-model"))]
 
 
-def eval_commands(makefile: Path = ROOT / "Makefile") -> list[list[str]]:
+def eval_commands() -> list[list[str]]:
     """The `engine eval` arguments of each command `make eval-default` runs, in order."""
-    text = makefile.read_text()
-    target = re.search(r"^eval-default:.*?\n((?:\t.*\n)+)", text, re.M)
-    if target is None:
-        raise ValueError(f"{makefile}: no eval-default target")
-    return [line.split("$(EVAL)", 1)[1].split() for line in target.group(1).splitlines() if "$(EVAL) " in line]
+    return [line.split("$(EVAL)", 1)[1].split() for line in target_recipe("eval-default").splitlines() if "$(EVAL) " in line]
 
 
 def eval_files(commands: list[list[str]]) -> list[str]:
