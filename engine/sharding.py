@@ -16,7 +16,9 @@ their activations' device themselves.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import weakref
 
 from .device import Placement
 
@@ -32,6 +34,8 @@ def shard_lm(model, max_memory: dict, placement: Placement, offload_dir: str | N
     device_map = infer_auto_device_map(lm, max_memory=max_memory, no_split_module_classes=no_split, dtype=placement.dtype)
     if "disk" in device_map.values() and offload_dir is None:
         offload_dir = tempfile.mkdtemp(prefix="flamingo-offload-")
+        # Ours, so ours to remove: with the LM, or at exit (a copy of the weights per load).
+        weakref.finalize(lm, shutil.rmtree, offload_dir, True)
     main = placement.device.index if placement.device.type == "cuda" and placement.device.index is not None else (0 if placement.device.type == "cuda" else "cpu")
     dispatch_model(lm, device_map=device_map, main_device=main, offload_dir=offload_dir)
     log.info("LM sharded: %s", _summary(device_map))

@@ -2,6 +2,8 @@
 long conversations fit the context, sessions run concurrently, the LM can be sharded."""
 from __future__ import annotations
 
+import gc
+import tempfile
 import threading
 
 import numpy as np
@@ -261,7 +263,7 @@ def test_embed_media_describe_and_load(model, media):
         ChatEngine.load("./no/such/model")
 
 
-def test_sharded_lm_with_disk_offload_gives_identical_replies(media, tmp_path):
+def test_sharded_lm_with_disk_offload_gives_identical_replies(media, tmp_path, monkeypatch):
     """accelerate device_map: part of the LM in CPU memory, the rest offloaded to disk and
     streamed in by hooks (on a GPU machine the same call splits over GPUs and CPU)."""
     from accelerate.utils import compute_module_sizes
@@ -278,8 +280,13 @@ def test_sharded_lm_with_disk_offload_gives_identical_replies(media, tmp_path):
     assert "sharded" in sharded.describe()["device"]
     turns = five_turns(media)[:3]
     assert [s.tokens for s in chat(sharded, turns)] == [s.tokens for s in chat(plain, turns)]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where load's own offload folder goes
     loaded = ChatEngine.load("tiny", device="cpu", max_memory={"cpu": size // 2, "disk": 10 * size})
     assert set(loaded.model.lm.hf_device_map.values()) == {"cpu", "disk"}
+    assert len(list(tmp_path.glob("flamingo-offload-*"))) == 1
+    del loaded
+    gc.collect()
+    assert not list(tmp_path.glob("flamingo-offload-*"))  # removed with the model
 
 
 def test_session_caches_are_bounded(model, media):
