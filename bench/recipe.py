@@ -140,16 +140,17 @@ def random_lm(arch: Path, out: Path) -> str:
     return str(out)
 
 
-def time_features(slice_dir: Path, files: list[str], cache_dir: Path, device: str, vision) -> dict:
-    """The slice's distinct media through the frozen tower into an empty cache."""
+def time_features(slice_dir: Path, files: list[str], cache_dir: Path, device: str, cfg) -> dict:
+    """The slice's distinct media through the frozen tower of `cfg` (a TrainConfig, the first
+    stage's) into an empty cache, as its training fills the cache."""
     from engine.data.features import FeatureCache
     from engine.device import resolve
     from engine.vision import load_vision_tower
 
     paths = list(dict.fromkeys(slice_dir / m for f in files for r in read_jsonl(slice_dir / f) for m in r.get("media", [])))
     dev = resolve(device).device
-    tower = load_vision_tower(vision).to(dev)
-    cache = FeatureCache(cache_dir, tower, num_frames=8, device=dev)
+    tower = load_vision_tower(cfg.model_config().vision).to(dev)
+    cache = FeatureCache(cache_dir, tower, num_frames=cfg.data.num_frames, key=cfg.data.cache_key, device=dev)
     t = time.perf_counter()
     stats = cache.build(paths, progress=False)
     if dev.type == "cuda":
@@ -375,7 +376,7 @@ def run(args) -> dict | None:
 def train_stages(args, configs, files, slice_dir, work, meta, lm) -> dict:
     from engine.train_config import load_train_config
 
-    features = time_features(slice_dir, files, work / "features", args.device, load_train_config(configs[0]).model_config().vision)
+    features = time_features(slice_dir, files, work / "features", args.device, load_train_config(configs[0]))
     features["projected_corpus_min"] = round(meta["corpus_training_media"] / features["media_per_s"] / 60, 1)
     print(json.dumps({"features": features}), file=sys.stderr, flush=True)
     stages = run_stages(configs, slice_dir, work, args.steps, args.warmup, args.device, lm)
