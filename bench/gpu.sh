@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What a lent GPU machine runs, in one call (its image has torch, transformers, accelerate, cv2;
 # not the EfficientNet packages, nor the built-in LM's 98 MB GGUF):
-#   1. bench/recipe.py on CUDA: every stage of `make default-model` and every command of
-#      `make eval-default` timed, with a random-weight LM of the built-in architecture (the same
+#   1. bench/recipe.py on CUDA: every stage of `make default-model` timed with a pass per
+#      dataset's batch and with one pass per step, side by side, then every command of
+#      `make eval-default`, with a random-weight LM of the built-in architecture (the same
 #      step time; its replies run to their length limit, so eval times are upper bounds);
 #   2. one reply about a picture and a clip on CUDA, from the last bench stage's model;
 #   3. the engine's tests with CUDA visible (the tests that pick `auto` run there on the GPU).
@@ -29,16 +30,23 @@ $PY -c "import torch, transformers, accelerate; print('torch', torch.__version__
 
 W=/tmp/recipe-bench
 # Progress lines (one JSON per stage and per eval command) go to the log as they finish, so a
-# timeout still leaves them. The caption evals need pycocoevalcap, which the image lacks: the
-# bench records their error and goes on.
+# timeout still leaves them. The stages run twice, side by side: a pass per dataset's batch
+# (run.one_pass never) and one pass per step (always, the GPU default; 3.7x fewer dispatched ops
+# on this CPU, not yet timed on a GPU).
 timeout "${RECIPE_TIMEOUT:-300}" $PY bench/recipe.py --slice .gpu/slice --lm-arch .gpu/smollm2-arch --device "$DEVICE" \
-  --steps "${STEPS:-6}" --warmup 2 --eval-cap "${EVAL_CAP:-10}" --work "$W" >"$OUT/recipe_cuda.json" 2>"$OUT/recipe_cuda.log"
+  --steps "${STEPS:-6}" --warmup 2 ${STAGES:+--stages $STAGES} --one-pass never,always --no-eval --work "$W" >"$OUT/recipe_cuda.json" 2>"$OUT/recipe_cuda.log"
 echo "recipe rc=$?"
 grep -E '^\{' "$OUT/recipe_cuda.log"
 grep -E "Error|error" "$OUT/recipe_cuda.log" | tail -5
 
-M=$(ls -d "$W"/*/model 2>/dev/null | tail -1)
+M=$(ls -d "$W"/one-pass-*/*/model 2>/dev/null | tail -1)
 if [ -n "$M" ]; then
+  # The eval commands on the last stage's model. The caption evals need pycocoevalcap, which the
+  # image lacks: the bench records their error and goes on.
+  timeout "${EVAL_TIMEOUT:-200}" $PY bench/recipe.py --slice .gpu/slice --device "$DEVICE" --no-train --eval-model "$M" \
+    --eval-cap "${EVAL_CAP:-10}" --work "$W" >"$OUT/recipe_eval_cuda.json" 2>"$OUT/recipe_eval_cuda.log"
+  echo "evals rc=$?"
+  grep -E '^\{' "$OUT/recipe_eval_cuda.log"
   echo "generate with $M"
   timeout 120 $PY -m engine generate --model "$M" --device "$DEVICE" --max-new-tokens 12 \
     --media .gpu/slice/media/pairs/000/000000_0.png --media .gpu/slice/media/videos/000/000000_0.mp4 \

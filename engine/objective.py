@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cross_attention import MediaContext
@@ -133,43 +134,109 @@ class DatasetFeed:
         self.skipped = state.get("skipped", 0)
 
 
+@dataclass
+class PassRows:
+    """One batch's share of an LM pass: its B rows under their own media, then again under each
+    hinge's negative media (k = 1 + len(negatives) copies, as one batch of k * B rows).
+
+    input_ids / attention_mask / labels: (k * B, L)
+    media:     visual (k * B, N, R, d) and media_index (k * B, L); None for text only
+    negatives: (kind, weight, rows the hinge applies to or None for all) per copy after the first
+    hinges:    every hinge kind with weight > 0 (logged even where it had nothing to compare)
+    scale:     0.0 for a batch with nothing to learn: a zero loss that still touches every
+               parameter, so DDP ranks stay in step
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    media: MediaContext | None
+    negatives: list
+    hinges: list[str]
+    scale: float = 1.0
+
+    @property
+    def copies(self) -> int:
+        return 1 + len(self.negatives)
+
+
 class FlamingoLoss(nn.Module):
     """The model and its loss as one module, so that DDP/FSDP wrap (and sync) everything the
     step touches: media -> visual tokens -> next-token loss on the labelled positions."""
 
-    def __init__(self, model, p_next: float = 0.0):
+    def __init__(self, model, p_next: float = 0.0, margin: float = 2.0):
         super().__init__()
         self.model = model
         self.p_next = p_next
+        self.margin = margin
 
     def forward(self, input_ids, attention_mask, labels, features=None, pixels=None, contrast: float = 0.0,
                 time_contrast: float = 0.0, query_contrast: float = 0.0, return_parts: bool = False):
         """features (B, M, T, S, d) or pixels (B, M, T, 3, H, W) -> the scalar loss. contrast,
-        time_contrast and query_contrast weigh the hinges of `_with_contrast` (another row's media;
+        time_contrast and query_contrast weigh the hinges of `score` (another row's media;
         the row's own frames in reverse order; the row's last picture swapped for an earlier one).
         return_parts: (loss, {"nll": ..., "hinge_image" / "hinge_time" / "hinge_query": ...}),
         detached and unweighted, with a key for every hinge whose weight is > 0 (0 where it had
         nothing to compare), so every call with the same weights logs the same keys."""
+        rows = self.rows(input_ids, attention_mask, labels, features, pixels, contrast, time_contrast, query_contrast)
+        loss, parts = self.score(rows, self.row_nll(rows.input_ids, rows.attention_mask, rows.labels, rows.media))
+        return (loss, parts) if return_parts else loss
+
+    def row_nll(self, input_ids, attention_mask, labels, media) -> torch.Tensor:
+        """One LM pass -> (rows,) next-token NLL summed over each row's labels."""
+        return self.model(input_ids, None, attention_mask, media=media, labels=labels, loss_reduction="sequence").loss
+
+    def rows(self, input_ids, attention_mask, labels, features=None, pixels=None, contrast: float = 0.0,
+             time_contrast: float = 0.0, query_contrast: float = 0.0) -> PassRows:
+        """A batch (forward's arguments) -> its rows for an LM pass: the text under its own media
+        and under each hinge's negative (one pass instead of k: on a GPU the small per-row passes
+        were bound by the host launching their kernels, not by the kernels)."""
         visual = self._visual(features, pixels)
         scale = 1.0
-        if not bool((labels[:, 1:] != IGNORE).any()):  # nothing to learn: a zero loss that still
-            labels = labels.clone()  # touches every parameter, so DDP ranks stay in step
+        if not bool((labels[:, 1:] != IGNORE).any()):  # nothing to learn
+            labels = labels.clone()
             labels[0, -1] = input_ids[0, -1]
             scale = 0.0
+        negatives = self._negatives(visual, input_ids, features, pixels, contrast, time_contrast, query_contrast) if scale > 0 else []
+        k = 1 + len(negatives)
         media = None
         if visual is not None:
-            media = self.model.media_context(visual, input_ids, 0, self.p_next if self.training else 0.0)
-        negatives = self._negatives(visual, input_ids, features, pixels, contrast, time_contrast, query_contrast) if scale > 0 else []
-        if negatives:
-            loss, parts = self._with_contrast(input_ids, attention_mask, labels, media, negatives)
-        else:
-            loss = self.model(input_ids, None, attention_mask, media=media, labels=labels).loss * scale
-            parts = {"nll": loss.detach()}
-        if not return_parts:
-            return loss
-        for kind, weight in (("image", contrast), ("time", time_contrast), ("query", query_contrast)):
-            if weight > 0:
-                parts.setdefault(f"hinge_{kind}", torch.zeros((), device=loss.device))
+            own = self.model.media_context(visual, input_ids, 0, self.p_next if self.training else 0.0)
+            contexts = [own] + [self.model.media_context(negative, input_ids, 0) for _, _, negative, _ in negatives]
+            media = MediaContext(torch.cat([c.visual for c in contexts]), torch.cat([c.media_index for c in contexts]),
+                                 own.only_last)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        hinges = [kind for kind, weight in (("image", contrast), ("time", time_contrast), ("query", query_contrast)) if weight > 0]
+        return PassRows(input_ids.repeat(k, 1), mask.repeat(k, 1), labels.repeat(k, 1), media,
+                        [(kind, weight, which) for kind, weight, _, which in negatives], hinges, scale)
+
+    def score(self, rows: PassRows, nll: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(k * B,) summed NLL per row -> the batch's loss and its parts: the next-token loss
+        (mean over labelled tokens) plus, for each (kind, weight, rows) negative, a hinge asking
+        each sequence's text to be more likely with its own media than with the negative:
+        weight * mean(relu(margin + nll_own - nll_negative)).
+        - another row's images (image_contrast): a constant, image-blind use of the visual tokens
+          scores the same under both and pays the margin, which keeps the resampler from
+          collapsing onto its latents when the text alone explains most of the loss;
+        - the row's own frames reversed (time_contrast): reversal turns every motion of the
+          corpus into its opposite (left/right, up/down, grow/shrink, appear/disappear), and
+          visual tokens that ignore frame order score the same under both;
+        - the row's last picture swapped for its least similar earlier picture (query_contrast):
+          only the text after the last marker changes, so in a few-shot naming episode the hinge
+          asks the query's name to follow from its picture rather than from the names in context
+          alone (a frequent or recent name of the episode, which the plain loss also rewards)."""
+        nll = nll.view(rows.copies, -1)
+        own = nll[0]
+        labelled = (rows.labels[: own.shape[0], 1:] != IGNORE).sum()
+        loss = own.sum() / labelled.clamp(min=1) * rows.scale
+        parts = {"nll": loss.detach()}
+        for (kind, weight, which), other in zip(rows.negatives, nll[1:]):
+            hinge = torch.relu(self.margin + own - other)
+            hinge = hinge.mean() if which is None else hinge[which].mean()
+            parts[f"hinge_{kind}"] = hinge.detach()
+            loss = loss + weight * hinge
+        for kind in rows.hinges:
+            parts.setdefault(f"hinge_{kind}", torch.zeros((), device=loss.device))
         return loss, parts
 
     def _negatives(self, visual, input_ids, features, pixels, contrast: float, time_contrast: float,
@@ -200,40 +267,54 @@ class FlamingoLoss(nn.Module):
             return self.model.resample(features)
         return None if pixels is None else self.model.encode_media(pixels)
 
-    def _with_contrast(self, input_ids, attention_mask, labels, media, negatives, margin: float = 2.0):
-        """Next-token loss plus, for each (kind, weight, negative visual tokens, rows), a hinge asking each
-        sequence's text to be more likely with its own media than with the negative:
-        weight * mean(relu(margin + nll_own - nll_negative)) (nll summed over the row's labels).
-        - another row's images (image_contrast): a constant, image-blind use of the visual tokens
-          scores the same under both and pays the margin, which keeps the resampler from
-          collapsing onto its latents when the text alone explains most of the loss;
-        - the row's own frames reversed (time_contrast): reversal turns every motion of the
-          corpus into its opposite (left/right, up/down, grow/shrink, appear/disappear), and
-          visual tokens that ignore frame order score the same under both;
-        - the row's last picture swapped for its least similar earlier picture (query_contrast):
-          only the text after the last marker changes, so in a few-shot naming episode the hinge
-          asks the query's name to follow from its picture rather than from the names in context
-          alone (a frequent or recent name of the episode, which the plain loss also rewards)."""
-        model, b, k = self.model, input_ids.shape[0], 1 + len(negatives)
-        # The text under its own media and under each negative, as one batch of k * B rows: one
-        # pass through the LM instead of k, the same sums (on a GPU the small per-row passes were
-        # bound by the host launching their kernels, not by the kernels).
-        contexts = [media] + [model.media_context(negative, input_ids, 0) for _, _, negative, _ in negatives]
-        batched = MediaContext(torch.cat([c.visual for c in contexts]), torch.cat([c.media_index for c in contexts]),
-                               media.only_last)
-        mask = None if attention_mask is None else attention_mask.repeat(k, 1)
-        nll = model(input_ids.repeat(k, 1), None, mask, media=batched, labels=labels.repeat(k, 1),
-                    loss_reduction="sequence").loss.view(k, b)
-        own = nll[0]
-        counts = (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1)
-        loss = own.sum() / counts.sum()
-        parts = {"nll": loss.detach()}
-        for (kind, weight, _, rows), other in zip(negatives, nll[1:]):
-            hinge = torch.relu(margin + own - other)
-            hinge = hinge.mean() if rows is None else hinge[rows].mean()
-            parts[f"hinge_{kind}"] = hinge.detach()
-            loss = loss + weight * hinge
-        return loss, parts
+
+class OnePassLoss(FlamingoLoss):
+    """Every dataset's batch of an optimiser step through the LM in one pass, their rows padded to
+    a common length and media count: the same losses and gradients as a pass per batch
+    (FlamingoLoss), with one LM pass's kernel launches instead of one per dataset. A GPU runs the
+    step's small passes bound by the host launching kernels, so fewer, larger passes are faster
+    there; on a CPU the padded positions cost more than the launches save (bench/recipe.py)."""
+
+    def forward(self, batches: list[dict], weights: list[float]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, dict]]]:
+        """batches: FlamingoLoss.forward's keyword arguments for each dataset's batch (without
+        return_parts); weights: each dataset's lambda. Returns (sum of weight * loss, the
+        (loss, parts) of each batch, as FlamingoLoss.forward(..., return_parts=True) gives them)."""
+        rows = [self.rows(**batch) for batch in batches]
+        nll = self.row_nll(*concat_rows(rows))
+        results = [self.score(r, chunk) for r, chunk in zip(rows, nll.split([len(r.input_ids) for r in rows]))]
+        total = sum(w * loss for w, (loss, _) in zip(weights, results))
+        return total, results
+
+
+def concat_rows(rows: list[PassRows]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MediaContext | None]:
+    """Several batches' rows -> one batch (input_ids, attention_mask, labels, media), right-padded
+    as `collate` pads: text to the longest row (masked out of attention, no labels; a real token's
+    position is unchanged), media to the most media (zeros that no token attends to: a padded
+    token's media index is -1, none). Rows of a text-only batch see no media."""
+    width = max(r.input_ids.shape[1] for r in rows)
+
+    def pad_text(t, value):
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+
+    # The padding id is never embedded into anything a labelled token sees; 0 is a valid id.
+    input_ids = torch.cat([pad_text(r.input_ids, 0) for r in rows])
+    attention_mask = torch.cat([pad_text(r.attention_mask, 0) for r in rows])
+    labels = torch.cat([pad_text(r.labels, IGNORE) for r in rows])
+    with_media = [r.media for r in rows if r.media is not None]
+    if not with_media:
+        return input_ids, attention_mask, labels, None
+    like = with_media[0].visual
+    n = max(m.visual.shape[1] for m in with_media)
+    visual, index = [], []
+    for r in rows:
+        if r.media is None:
+            visual.append(like.new_zeros((len(r.input_ids), n, *like.shape[2:])))
+            index.append(torch.full((len(r.input_ids), width), -1, dtype=torch.long, device=like.device))
+        else:
+            v = r.media.visual
+            visual.append(F.pad(v, (0, 0, 0, 0, 0, n - v.shape[1])))
+            index.append(pad_text(r.media.media_index, -1))
+    return input_ids, attention_mask, labels, MediaContext(torch.cat(visual), torch.cat(index), with_media[0].only_last)
 
 
 def swap_last_media(visual: torch.Tensor, counts: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

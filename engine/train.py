@@ -6,8 +6,9 @@ applies bf16 autocast. Each process reads its own share of every dataset.
 
 A step (engine/objective.py): for each dataset of the step's plan, one batch, its loss times the
 dataset's weight, backward (gradients accumulate; DDP syncs only on the last backward of the
-step); then one gradient clipping, one AdamW update, one LR-schedule step (linear warmup, then
-constant, as the paper).
+step) -- or, with `run.one_pass` (on a GPU by default), every batch through the LM in one padded
+pass and one backward, the same sum; then one gradient clipping, one AdamW update, one
+LR-schedule step (linear warmup, then constant, as the paper).
 
 Weight decay applies to the weight matrices of the resampler's and gated blocks' linear layers
 (and of the LM / tower when unfrozen); not to the tanh gates (decay would pull them shut, back
@@ -31,7 +32,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .cross_attention import GATE_NAMES, block_key
-from .objective import DatasetFeed, FlamingoLoss, step_plan
+from .objective import DatasetFeed, FlamingoLoss, ModelInputs, OnePassLoss, step_plan
 from .train_config import TrainConfig, dataset_path
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         p_next = self.model.config.cross_attention.p_next
-        self.loss_module, self.optimizer = acc.prepare(FlamingoLoss(self.model, p_next), self.optimizer)
+        self.one_pass = run.one_pass == "always" or (run.one_pass == "auto" and not cpu)
+        loss_cls = OnePassLoss if self.one_pass else FlamingoLoss
+        self.loss_module, self.optimizer = acc.prepare(loss_cls(self.model, p_next), self.optimizer)
         self.step = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
@@ -294,23 +297,16 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         self.loss_module.train()
         plan = step_plan(self.step, self.weights, cfg.optim.strategy)
-        losses, parts, samples, tokens = {}, {}, 0, 0
-        for j, i in enumerate(plan):
-            feed = self.feeds[i]
-            inputs = feed.next_batch().to(acc.device)
-            sync = j == len(plan) - 1
-            with acc.no_sync(self.loss_module) if not sync else nullcontext():
-                with acc.autocast():
-                    loss, loss_parts = self.loss_module(
-                        inputs.input_ids, inputs.attention_mask, inputs.labels, features=inputs.features, pixels=inputs.pixels,
-                        contrast=feed.spec.image_contrast, time_contrast=feed.spec.time_contrast,
-                        query_contrast=feed.spec.query_contrast, return_parts=True)
-                acc.backward(loss * feed.weight)
+        feeds = [self.feeds[i] for i in plan]
+        batches = [f.next_batch().to(acc.device) for f in feeds]
+        results = self._one_pass(feeds, batches) if self.one_pass else self._pass_per_batch(feeds, batches)
+        losses, parts = {}, {}
+        for feed, (loss, loss_parts) in zip(feeds, results):
             losses[feed.name] = loss.detach().float()
             if len(loss_parts) > 1:  # with hinges: log the next-token loss and each hinge apart
                 parts.update({f"{k}/{feed.name}": v.float() for k, v in loss_parts.items()})
-            samples += inputs.num_samples
-            tokens += inputs.num_tokens
+        samples = sum(b.num_samples for b in batches)
+        tokens = sum(b.num_tokens for b in batches)
         grad_norm = None
         if cfg.optim.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(self.loss_module.parameters(), cfg.optim.max_grad_norm)
@@ -330,6 +326,32 @@ class Trainer:
             out["grad_norm"] = float(grad_norm)
         out.update(self.gate_values())
         return out
+
+    @staticmethod
+    def _loss_args(feed: DatasetFeed, inputs: ModelInputs) -> dict:
+        spec = feed.spec
+        return dict(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, labels=inputs.labels,
+                    features=inputs.features, pixels=inputs.pixels, contrast=spec.image_contrast,
+                    time_contrast=spec.time_contrast, query_contrast=spec.query_contrast)
+
+    def _pass_per_batch(self, feeds: list[DatasetFeed], batches: list[ModelInputs]) -> list[tuple]:
+        """A pass and a backward per batch; DDP syncs the gradients on the last backward only."""
+        acc, results = self.accelerator, []
+        for j, (feed, inputs) in enumerate(zip(feeds, batches)):
+            sync = j == len(feeds) - 1
+            with acc.no_sync(self.loss_module) if not sync else nullcontext():
+                with acc.autocast():
+                    loss, parts = self.loss_module(**self._loss_args(feed, inputs), return_parts=True)
+                acc.backward(loss * feed.weight)
+            results.append((loss, parts))
+        return results
+
+    def _one_pass(self, feeds: list[DatasetFeed], batches: list[ModelInputs]) -> list[tuple]:
+        """Every batch in one LM pass (OnePassLoss), one backward of the weighted sum."""
+        with self.accelerator.autocast():
+            total, results = self.loss_module([self._loss_args(f, b) for f, b in zip(feeds, batches)], [f.weight for f in feeds])
+        self.accelerator.backward(total)
+        return results
 
     def gate_values(self) -> dict[str, float]:
         """tanh of each gated block's gates (`gate_attn/<layer>`, `gate_ff/<layer>`): how far each

@@ -34,6 +34,7 @@ from .objective import STRATEGIES
 
 DEFAULT_MAX_TOKENS = {"interleaved": 256, "pairs": 64, "video": 64}
 MODES = ("generative", "contrastive", "token_probe")
+ONE_PASS = ("auto", "always", "never")
 
 
 @dataclass
@@ -47,14 +48,14 @@ class DatasetConfig:
     max_tokens: int | None = None  # default: 256 interleaved, 64 pairs / video
     max_images: int = 5
     # > 0 adds a hinge asking each text to be likelier with its own images than another row's
-    # (engine/objective.py FlamingoLoss._with_contrast); costs a second forward.
+    # (engine/objective.py FlamingoLoss.score); the LM pass runs the batch twice.
     image_contrast: float = 0.0
     # > 0 (videos) adds a hinge asking each text to be likelier with its frames in order than
-    # reversed (FlamingoLoss._with_contrast): reading frame order pays; costs another forward.
+    # reversed (FlamingoLoss.score): reading frame order pays; one more copy of the batch in the pass.
     time_contrast: float = 0.0
     # > 0 (interleaved) adds a hinge asking the text after each row's last picture to be likelier
-    # with that picture than with the row's least similar earlier one (FlamingoLoss._with_contrast):
-    # few-shot naming must read the query picture; costs another forward.
+    # with that picture than with the row's least similar earlier one (FlamingoLoss.score):
+    # few-shot naming must read the query picture; one more copy of the batch in the pass.
     query_contrast: float = 0.0
     # Leave each made-up word's first mention out of the loss (corpus records' "new_words", or
     # their "names" flagged "nonce"; engine/data/sampling.py): nothing can predict it.
@@ -140,6 +141,10 @@ class RunConfig:
     log_every: int = 1
     mixed_precision: str = "auto"  # auto | no | bf16 (auto: bf16 on GPU and CPU -- faster there, see README)
     device: str = "auto"  # auto | cpu | cuda
+    # always: every dataset's batch of a step through the LM in one padded pass (OnePassLoss);
+    # never: a pass per batch; auto: always on a GPU (host-bound small passes), never on a CPU
+    # (there the padding costs more than the launches save). The same losses and gradients.
+    one_pass: str = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -361,6 +366,7 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     r = cfg.run
     _choice(r.mixed_precision, ("auto", "no", "bf16", "fp16"), f"{where}: run.mixed_precision")
     _choice(r.device, ("auto", "cpu", "cuda"), f"{where}: run.device")
+    _choice(r.one_pass, ONE_PASS, f"{where}: run.one_pass")
     if r.max_steps < 1 or r.save_every < 1 or r.log_every < 1 or r.keep_last < 0:
         raise ValueError(f"{where}: run: max_steps, save_every and log_every must be >= 1, keep_last >= 0")
     if cfg.data.feature_cache and not o.freeze_vision and cfg.mode == "generative":

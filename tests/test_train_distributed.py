@@ -1,4 +1,5 @@
-"""Two processes on CPU (DDP over gloo): both ranks end with identical weights."""
+"""Two processes on CPU (DDP over gloo): both ranks end with identical weights, with a pass per
+dataset's batch (DDP syncs on the last backward) and with one pass per step (one backward)."""
 from __future__ import annotations
 
 import json
@@ -26,8 +27,8 @@ SCRIPT = textwrap.dedent("""
     from engine.train_config import parse_train_config
     from tests.train_fixtures import tiny_train_config
 
-    corpus, run = sys.argv[1], sys.argv[2]
-    raw = tiny_train_config(corpus, run, **{{"run.max_steps": 3, "run.save_every": 2}})
+    corpus, run, one_pass = sys.argv[1], sys.argv[2], sys.argv[3]
+    raw = tiny_train_config(corpus, run, **{{"run.max_steps": 3, "run.save_every": 2, "run.one_pass": one_pass}})
     raw["data"]["datasets"][0].update(image_contrast=0.5, query_contrast=1.0)  # hinges, logged apart on both ranks
     cfg = parse_train_config(raw)
     t = Trainer(cfg, model=tiny_model(seed=0), resume=False)
@@ -50,14 +51,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_ranks_end_identical(tmp_path):
+@pytest.mark.parametrize("one_pass", ["never", "always"])
+def test_two_process_ddp_ranks_end_identical(tmp_path, one_pass):
     corpus = write_corpus(tmp_path / "corpus")
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT.format(root=str(ROOT)))
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(corpus), str(run)]
+           "--master_port", str(_free_port()), str(script), str(corpus), str(run), one_pass]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = load_file(run / "rank0.safetensors"), load_file(run / "rank1.safetensors")

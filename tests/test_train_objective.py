@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.model import FlamingoModel
-from engine.objective import DatasetFeed, FlamingoLoss, step_plan
+from engine.objective import DatasetFeed, FlamingoLoss, OnePassLoss, step_plan
 from engine.testing import tiny_model
 from engine.train import Trainer, param_groups
 from engine.train_config import ParamGroupConfig, dataset_path, parse_train_config
@@ -66,6 +66,25 @@ def test_accumulation_gradient_is_the_weighted_sum(corpus, tmp_path):
     assert set(got) == set(want)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
+
+
+def test_one_pass_step_equals_the_accumulated_step(corpus, tmp_path):
+    """run.one_pass: always (the GPU default) steps on the same gradients and logs the same
+    losses as a pass per batch (the CPU default)."""
+    steps = {}
+    for one_pass in ("never", "always"):
+        cfg = parse_train_config(tiny_train_config(corpus, tmp_path / one_pass, **{"optim.max_grad_norm": 0, "run.one_pass": one_pass}))
+        t = Trainer(cfg, model=tiny_model(seed=1), resume=False)
+        assert t.one_pass == (one_pass == "always")
+        grads = _capture_grads(t)
+        steps[one_pass] = (t.train_step(), grads[0])
+    (m_never, g_never), (m_always, g_always) = steps["never"], steps["always"]
+    assert set(m_never) == set(m_always)
+    for k in m_never:
+        assert m_always[k] == pytest.approx(m_never[k], rel=1e-4, abs=1e-6), k
+    assert set(g_never) == set(g_always)
+    for n in g_never:
+        torch.testing.assert_close(g_always[n], g_never[n], rtol=1e-4, atol=1e-6)
 
 
 def test_round_robin_uses_one_dataset_per_step(corpus, tmp_path):
@@ -198,6 +217,8 @@ def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
     ({"data": {"datasets": [{"name": "a", "path": "x", "format": "coco", "mask_new_words": True}]}}, "mask_new_words reads the corpus format"),
     ({"new_block_init": "nearest"}, "new_block_init: 'nearest' is not one of random, copy_nearest"),
     ({"new_block_init": "copy_nearest"}, "new_block_init applies to blocks that model_overrides adds"),
+    ({"run": {"one_pass": True}}, "run.one_pass: expected a string, got True"),  # YAML's `yes`
+    ({"run": {"one_pass": "gpu"}}, "run.one_pass: 'gpu' is not one of auto, always, never"),
 ])
 def test_config_validation_names_the_bad_key(corpus, tmp_path, patch, message):
     raw = tiny_train_config(corpus, tmp_path)
@@ -251,7 +272,7 @@ def test_image_contrast_penalises_image_blind_use():
 
 
 def test_hinges_in_one_batched_pass_equal_separate_passes():
-    """_with_contrast runs the text under its own media and every negative as one batch; the loss
+    """FlamingoLoss runs the text under its own media and every negative as one batch; the loss
     and the gradients are those of one pass per media set."""
     model = tiny_model(gates=1.0)
     ids, labels = _captions(model, ["<image>A cat moves left.<EOC>", "<image>A dog grows bigger.<EOC>", "<image>A red fox.<EOC>"])
@@ -276,6 +297,62 @@ def test_hinges_in_one_batched_pass_equal_separate_passes():
     assert parts["hinge_image"].item() == pytest.approx(torch.relu(2.0 + own - image).mean().item(), rel=1e-5)
     for got, p in zip(batched_grads, model.resampler.parameters()):
         assert torch.allclose(got, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_one_pass_equals_a_pass_per_batch():
+    """OnePassLoss pads batches of different lengths, media counts and hinges into one LM pass:
+    each batch's loss and parts, the weighted total and the gradients are those of a pass each."""
+    model = tiny_model(gates=1.0)
+    pairs, pair_labels = _captions(model, ["<image>A cat.<EOC>", "<image>A dog sits on a mat.<EOC>", "<image>A fox.<EOC>"])
+    clips, clip_labels = _captions(model, ["<image>A ball moves left.<EOC>", "<image>A star grows.<EOC>"])
+    docs, doc_labels = _captions(model, ["<image>A dax.<EOC><image>A wug.<EOC><image>A dax, again, and a long tail of words.<EOC>",
+                                         "<image>A wug.<EOC><image>A dax.<EOC>"])
+    batches = [
+        dict(input_ids=pairs.input_ids, attention_mask=pairs.attention_mask, labels=pair_labels,
+             features=torch.randn(3, 1, 1, 16, model.vision.feature_dim), contrast=1.0),
+        dict(input_ids=clips.input_ids, attention_mask=clips.attention_mask, labels=clip_labels,
+             features=torch.randn(2, 1, 4, 16, model.vision.feature_dim), contrast=0.5, time_contrast=1.0),
+        dict(input_ids=docs.input_ids, attention_mask=docs.attention_mask, labels=doc_labels,
+             features=torch.randn(2, 3, 1, 16, model.vision.feature_dim), query_contrast=0.7),
+    ]
+    weights = [1.0, 0.3, 0.5]
+    total, results = OnePassLoss(model)(batches, weights)
+    total.backward()
+    one_pass_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    separate = [FlamingoLoss(model)(**b, return_parts=True) for b in batches]
+    expected = sum(w * loss for w, (loss, _) in zip(weights, separate))
+    expected.backward()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    for (loss, parts), (want, want_parts) in zip(results, separate):
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+        assert set(parts) == set(want_parts)
+        assert all(parts[k].item() == pytest.approx(want_parts[k].item(), rel=1e-5, abs=1e-6) for k in parts)
+    assert set(one_pass_grads) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(one_pass_grads[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_concat_rows_pads_text_and_media_where_no_token_looks():
+    from engine.objective import concat_rows
+
+    model = tiny_model(gates=1.0)
+    loss_fn = FlamingoLoss(model)
+    short, short_labels = _captions(model, ["<image>A cat.<EOC>"])
+    long, long_labels = _captions(model, ["<image>A dax.<EOC><image>A wug, and more words.<EOC>"])
+    text, text_labels = _captions(model, ["Only words here, no picture."])
+    rows = [loss_fn.rows(short.input_ids, short.attention_mask, short_labels, features=torch.randn(1, 1, 1, 16, model.vision.feature_dim)),
+            loss_fn.rows(long.input_ids, long.attention_mask, long_labels, features=torch.randn(1, 2, 1, 16, model.vision.feature_dim)),
+            loss_fn.rows(text.input_ids, text.attention_mask, text_labels)]
+    ids, mask, labels, media = concat_rows(rows)
+    width = max(short.input_ids.shape[1], long.input_ids.shape[1], text.input_ids.shape[1])
+    assert ids.shape == mask.shape == labels.shape == (3, width)
+    n = short.input_ids.shape[1]
+    assert mask[0, n:].eq(0).all() and labels[0, n:].eq(-100).all() and media.media_index[0, n:].eq(-1).all()
+    assert media.visual.shape[:2] == (3, 2) and media.visual[0, 1].eq(0).all()  # padded media: zeros
+    assert media.media_index[2].eq(-1).all()  # the text-only row sees no media
+    assert torch.equal(media.media_index[1], rows[1].media.media_index[0])
 
 
 def test_gradient_reaches_the_tower_only_when_it_is_unfrozen():
