@@ -34,12 +34,12 @@ W=/tmp/recipe-bench
 # (run.one_pass never) and one pass per step (always, the GPU default; 3.7x fewer dispatched ops
 # on this CPU, not yet timed on a GPU).
 timeout "${RECIPE_TIMEOUT:-300}" $PY bench/recipe.py --slice .gpu/slice --lm-arch .gpu/smollm2-arch --device "$DEVICE" \
-  --steps "${STEPS:-6}" --warmup 2 ${STAGES:+--stages $STAGES} --one-pass never,always --no-eval --work "$W" >"$OUT/recipe_cuda.json" 2>"$OUT/recipe_cuda.log"
+  --steps "${STEPS:-6}" --warmup 2 ${STAGES:+--stages $STAGES} --compare run.one_pass=never,always --no-eval --work "$W" >"$OUT/recipe_cuda.json" 2>"$OUT/recipe_cuda.log"
 echo "recipe rc=$?"
 grep -E '^\{' "$OUT/recipe_cuda.log"
 grep -E "Error|error" "$OUT/recipe_cuda.log" | tail -5
 
-M=$(ls -d "$W"/one-pass-*/*/model 2>/dev/null | tail -1)
+M=$(ls -d "$W"/stages-*/*/model 2>/dev/null | tail -1)
 if [ -n "$M" ]; then
   # The eval commands on the last stage's model. The caption evals need pycocoevalcap, which the
   # image lacks: the bench records their error and goes on.

@@ -165,24 +165,24 @@ def step_times(run_dir: Path) -> list[float]:
 
 
 def bench_overrides(cfg, slice_dir: Path, work: Path, run_dir: Path, steps: int, device: str,
-                    one_pass: str = "auto") -> dict:
+                    variant: dict | None = None) -> dict:
     """A stage's config, changed to run `steps` steps on the slice into `run_dir`."""
     return {"data.root": str(slice_dir), "data.cache_dir": str(work / "features"), "data.precompute_features": False,
             "run.dir": str(run_dir), "run.max_steps": steps, "run.save_every": steps, "run.keep_last": 1,
-            "run.max_minutes": None, "run.device": device, "run.progress": False, "run.one_pass": one_pass,
+            "run.max_minutes": None, "run.device": device, "run.progress": False, **(variant or {}),
             # the schedule's shape does not change a step's time; its lengths must fit the steps
             "optim.warmup_steps": min(cfg.optim.warmup_steps, steps),
             "optim.decay_steps": min(cfg.optim.decay_steps, steps)}
 
 
 def train_stage(path: Path, run_dir: Path, init_from: str | None, slice_dir: Path, work: Path, steps: int,
-                device: str, lm: str | None, one_pass: str = "auto"):
+                device: str, lm: str | None, variant: dict | None = None):
     """One stage for `steps` steps on the slice; returns (its config as run, wall seconds)."""
     from engine.train import train
     from engine.train_config import load_train_config
 
     cfg = load_train_config(path)
-    over = bench_overrides(cfg, slice_dir, work, run_dir, steps, device, one_pass)
+    over = bench_overrides(cfg, slice_dir, work, run_dir, steps, device, variant)
     if cfg.init_from:
         over["init_from"] = init_from
     if lm is not None and not over.get("init_from"):
@@ -194,14 +194,14 @@ def train_stage(path: Path, run_dir: Path, init_from: str | None, slice_dir: Pat
 
 
 def run_stages(configs: list[Path], slice_dir: Path, work: Path, steps: int, warmup: int, device: str,
-               lm: str | None, one_pass: str = "auto") -> list[dict]:
+               lm: str | None, variant: dict | None = None) -> list[dict]:
     from engine.train_config import load_train_config
 
     # The first stage once more before the timed ones, untimed: on a GPU the process's first
     # training pays for CUDA's first calls, the allocator's growth and every batch shape's first
     # use (stage 1 measured 1.3-1.5 s per step there, stage 2 0.7-1.0 s on the same records).
-    work = work / f"one-pass-{one_pass}"
-    train_stage(configs[0], work / "00-warm-up", None, slice_dir, work.parent, steps, device, lm, one_pass)
+    work = work / variant_name(variant)
+    train_stage(configs[0], work / "00-warm-up", None, slice_dir, work.parent, steps, device, lm, variant)
     bench_dir_of, done_in_dir, out = {}, {}, []
     for i, path in enumerate(configs):
         recipe = load_train_config(path)  # as the Makefile runs it
@@ -210,12 +210,12 @@ def run_stages(configs: list[Path], slice_dir: Path, work: Path, steps: int, war
         run_dir = work / f"{i + 1:02d}-{path.stem}"
         source = str(Path(recipe.init_from).parent) if recipe.init_from else None
         cfg, wall = train_stage(path, run_dir, str(bench_dir_of[source] / "model") if source in bench_dir_of else None,
-                                slice_dir, work.parent, steps, device, lm, one_pass)
+                                slice_dir, work.parent, steps, device, lm, variant)
         bench_dir_of[recipe.run.dir] = run_dir
         times = step_times(run_dir)
         median = statistics.median(times[warmup:] or times)
         setup = wall - sum(times)
-        out.append({"stage": i + 1, "config": str(path.relative_to(ROOT)), "mode": cfg.mode, "one_pass": one_pass, "steps": budget,
+        out.append({"stage": i + 1, "config": str(path.relative_to(ROOT)), "mode": cfg.mode, **(variant or {}), "steps": budget,
                     "median_step_s": round(median, 4), "first_step_s": round(times[0], 3), "setup_s": round(setup, 1),
                     "projected_min": round((budget * median + setup) / 60, 1)})
         print(json.dumps(out[-1]), file=sys.stderr, flush=True)
@@ -223,7 +223,7 @@ def run_stages(configs: list[Path], slice_dir: Path, work: Path, steps: int, war
 
 
 def profile_step(config: Path, slice_dir: Path, work: Path, device: str, lm: str | None, steps: int = 4,
-                 one_pass: str = "auto") -> dict:
+                 variant: dict | None = None) -> dict:
     """Where one step of a (generative) stage goes: its batches' loading (features from the warm
     cache, tokens, the copy to the device) timed alone; the whole step timed plain; and under
     torch.profiler, the device's kernel time and the ops that take the most host time."""
@@ -234,7 +234,7 @@ def profile_step(config: Path, slice_dir: Path, work: Path, device: str, lm: str
     from engine.train_config import load_train_config
 
     cfg = load_train_config(config)
-    over = bench_overrides(cfg, slice_dir, work, work / f"profile-{config.stem}-{one_pass}", 100, device, one_pass)
+    over = bench_overrides(cfg, slice_dir, work, work / f"profile-{config.stem}-{variant_name(variant)}", 100, device, variant)
     over.update({"init_from": None, **({"model.lm": lm} if lm else {})})
     trainer = Trainer(load_train_config(config, over), resume=False)
     dev = trainer.accelerator.device
@@ -260,7 +260,7 @@ def profile_step(config: Path, slice_dir: Path, work: Path, device: str, lm: str
         sync()
     events = prof.key_averages()
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    return {"config": str(config.relative_to(ROOT)), "one_pass": trainer.one_pass, "step_s": round(step, 3), "data_s": round(data, 3),
+    return {"config": str(config.relative_to(ROOT)), **(variant or {}), "step_s": round(step, 3), "data_s": round(data, 3),
             "device_kernel_s": round(sum(e.self_device_time_total for e in events) / 1e6 / steps, 3),
             "ops_per_step": sum(e.count for e in events) // steps,
             "top_host_ops_ms": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 1) for e in top}}
@@ -323,8 +323,8 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=None, help="only the first N stages")
     p.add_argument("--eval-tasks", default=None, help="only the eval commands of these tasks (comma-separated)")
     p.add_argument("--profile-stage", type=int, default=None, metavar="N", help="also profile stage N's step")
-    p.add_argument("--one-pass", default="auto", metavar="MODE[,MODE]",
-                   help="run.one_pass of the stages (auto, always, never); two, e.g. never,always: both, side by side")
+    p.add_argument("--compare", metavar="run.KEY=A,B",
+                   help="run the stages twice, side by side, with a run setting at A then B (e.g. run.one_pass=never,always)")
     p.add_argument("--steps", type=int, default=8, help="steps per stage")
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the median")
     p.add_argument("--device", default="auto")
@@ -367,13 +367,13 @@ def run(args) -> dict | None:
     if not args.no_train:
         result.update(train_stages(args, configs, files, slice_dir, work, meta, lm))
     if args.profile_stage:
-        profiles = [profile_step(recipe_configs()[args.profile_stage - 1], slice_dir, work, args.device, lm, one_pass=mode)
-                    for mode in one_pass_modes(args)]
+        profiles = [profile_step(recipe_configs()[args.profile_stage - 1], slice_dir, work, args.device, lm, variant=v)
+                    for v in variants(args.compare)]
         for prof in profiles:
             print(json.dumps(prof), file=sys.stderr, flush=True)
         result["profile"] = profiles[0] if len(profiles) == 1 else profiles
     if not args.no_eval:
-        model = args.eval_model or sorted(work.glob("one-pass-*/*/model"))[-1]
+        model = args.eval_model or sorted(work.glob("stages-*/*/model"))[-1]
         tasks = args.eval_tasks.split(",") if args.eval_tasks else None
         evals = time_evals(model, slice_dir, work, args.eval_cap, args.device, tasks)
         result.update({"eval_model": str(model), "eval_cap": args.eval_cap, "evals": evals,
@@ -387,9 +387,9 @@ def train_stages(args, configs, files, slice_dir, work, meta, lm) -> dict:
     features = time_features(slice_dir, files, work / "features", args.device, load_train_config(configs[0]))
     features["projected_corpus_min"] = round(meta["corpus_training_media"] / features["media_per_s"] / 60, 1)
     print(json.dumps({"features": features}), file=sys.stderr, flush=True)
-    by_mode = {mode: run_stages(configs, slice_dir, work, args.steps, args.warmup, args.device, lm, mode)
-               for mode in one_pass_modes(args)}
-    stages = next(iter(by_mode.values()))
+    runs = [(v, run_stages(configs, slice_dir, work, args.steps, args.warmup, args.device, lm, v))
+            for v in variants(args.compare)]
+    stages = runs[0][1]
     train_min = sum(s["projected_min"] for s in stages)
     out = {
         "steps_per_stage": args.steps, "warmup": args.warmup, "records_per_file": meta["records_per_file"],
@@ -397,23 +397,31 @@ def train_stages(args, configs, files, slice_dir, work, meta, lm) -> dict:
         "projected_training_min": round(train_min, 1),
         "projected_training_and_features_min": round(train_min + features["projected_corpus_min"], 1),
     }
-    if len(by_mode) == 2:  # side by side, in this process: each stage's step time and the ratio
-        (a, first), (b, second) = by_mode.items()
-        out["one_pass_compare"] = {
-            "modes": [a, b],
-            "projected_training_min": [round(sum(s["projected_min"] for s in rows), 1) for rows in (first, second)],
+    if len(runs) == 2:  # side by side, in this process: each stage's step time and the ratio
+        (a, first), (b, second) = runs
+        out["compare"] = {
+            "variants": [a, b],
+            "stages": [s["stage"] for s in first],
             "median_step_s": [[s["median_step_s"] for s in rows] for rows in (first, second)],
-            f"step_ratio_{b}_over_{a}": [round(y["median_step_s"] / x["median_step_s"], 3) for x, y in zip(first, second)],
+            "step_ratio_second_over_first": [round(y["median_step_s"] / x["median_step_s"], 3) for x, y in zip(first, second)],
+            "projected_training_min": [round(sum(s["projected_min"] for s in rows), 1) for rows in (first, second)],
         }
     return out
 
 
-def one_pass_modes(args) -> list[str]:
-    modes = args.one_pass.split(",")
-    bad = [m for m in modes if m not in ("auto", "always", "never")]
-    if bad or not 1 <= len(modes) <= 2:
-        raise SystemExit(f"--one-pass: one or two of auto, always, never (comma-separated), got {args.one_pass!r}")
-    return modes
+def variants(compare: str | None) -> list[dict]:
+    """--compare KEY=A,B -> [{KEY: A}, {KEY: B}] (config overrides); none -> [{}]."""
+    if not compare:
+        return [{}]
+    key, sep, values = compare.partition("=")
+    values = values.split(",")
+    if not sep or not key.startswith("run.") or len(values) != 2:
+        raise SystemExit(f"--compare: run.KEY=A,B (two values of one run setting), got {compare!r}")
+    return [{key: v} for v in values]
+
+
+def variant_name(variant: dict | None) -> str:
+    return "stages-" + ("-".join(f"{k.removeprefix('run.')}-{v}" for k, v in variant.items()) if variant else "as-configured")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import checkpoint as ckpt
 from .cross_attention import GATE_NAMES, block_key
@@ -179,6 +180,11 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         p_next = self.model.config.cross_attention.p_next
         self.one_pass = run.one_pass == "always" or (run.one_pass == "auto" and not cpu)
+        # On a CPU, PyTorch's fused (flash) attention is the faster forward but a slow backward for
+        # these short sequences; its plain matmul-softmax path made a built-in recipe step 1.26x
+        # faster here (README, Benchmarks). A GPU keeps PyTorch's choice (fused kernels).
+        math = run.attention == "math" or (run.attention == "auto" and cpu)
+        self.attention_backends = [SDPBackend.MATH] if math else None
         loss_cls = OnePassLoss if self.one_pass else FlamingoLoss
         self.loss_module, self.optimizer = acc.prepare(loss_cls(self.model, p_next), self.optimizer)
         self.step = 0
@@ -327,6 +333,10 @@ class Trainer:
         out.update(self.gate_values())
         return out
 
+    def _attention(self):
+        """The attention kernels of the step's forward (its backward runs what the forward chose)."""
+        return nullcontext() if self.attention_backends is None else sdpa_kernel(self.attention_backends)
+
     @staticmethod
     def _loss_args(feed: DatasetFeed, inputs: ModelInputs) -> dict:
         spec = feed.spec
@@ -340,7 +350,7 @@ class Trainer:
         for j, (feed, inputs) in enumerate(zip(feeds, batches)):
             sync = j == len(feeds) - 1
             with acc.no_sync(self.loss_module) if not sync else nullcontext():
-                with acc.autocast():
+                with acc.autocast(), self._attention():
                     loss, parts = self.loss_module(**self._loss_args(feed, inputs), return_parts=True)
                 acc.backward(loss * feed.weight)
             results.append((loss, parts))
@@ -348,7 +358,7 @@ class Trainer:
 
     def _one_pass(self, feeds: list[DatasetFeed], batches: list[ModelInputs]) -> list[tuple]:
         """Every batch in one LM pass (OnePassLoss), one backward of the weighted sum."""
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self._attention():
             total, results = self.loss_module([self._loss_args(f, b) for f, b in zip(feeds, batches)], [f.weight for f in feeds])
         self.accelerator.backward(total)
         return results

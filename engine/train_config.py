@@ -145,6 +145,10 @@ class RunConfig:
     # never: a pass per batch; auto: always on a GPU (host-bound small passes), never on a CPU
     # (there the padding costs more than the launches save). The same losses and gradients.
     one_pass: str = "auto"
+    # The training step's attention kernels: math (matmul + softmax), default (PyTorch's choice:
+    # fused flash kernels where it can), auto: math on a CPU (there the fused backward is slow
+    # for short sequences), default on a GPU.
+    attention: str = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -367,6 +371,7 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     _choice(r.mixed_precision, ("auto", "no", "bf16", "fp16"), f"{where}: run.mixed_precision")
     _choice(r.device, ("auto", "cpu", "cuda"), f"{where}: run.device")
     _choice(r.one_pass, ONE_PASS, f"{where}: run.one_pass")
+    _choice(r.attention, ("auto", "math", "default"), f"{where}: run.attention")
     if r.max_steps < 1 or r.save_every < 1 or r.log_every < 1 or r.keep_last < 0:
         raise ValueError(f"{where}: run: max_steps, save_every and log_every must be >= 1, keep_last >= 0")
     if cfg.data.feature_cache and not o.freeze_vision and cfg.mode == "generative":

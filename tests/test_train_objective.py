@@ -87,6 +87,21 @@ def test_one_pass_step_equals_the_accumulated_step(corpus, tmp_path):
         torch.testing.assert_close(g_always[n], g_never[n], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("attention, fused", [("auto", False), ("math", False), ("default", True)])
+def test_cpu_training_step_uses_the_attention_kernels_asked_for(corpus, tmp_path, attention, fused):
+    """run.attention auto means the matmul-softmax path on a CPU (its fused flash backward is
+    slow for short sequences): the step's profile shows which kernel ran."""
+    from torch.profiler import profile
+
+    cfg = parse_train_config(tiny_train_config(corpus, tmp_path / attention, **{"run.attention": attention}))
+    t = Trainer(cfg, model=tiny_model(seed=1), resume=False)
+    with profile() as prof:
+        t.train_step()
+    ops = {e.key for e in prof.key_averages()}
+    assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in ops) == fused
+    assert "aten::softmax" in ops or "aten::_softmax" in ops
+
+
 def test_round_robin_uses_one_dataset_per_step(corpus, tmp_path):
     cfg = parse_train_config(tiny_train_config(corpus, tmp_path / "r", **{"optim.strategy": "round_robin"}))
     t = Trainer(cfg, model=tiny_model(), resume=False)
@@ -219,6 +234,7 @@ def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
     ({"new_block_init": "copy_nearest"}, "new_block_init applies to blocks that model_overrides adds"),
     ({"run": {"one_pass": True}}, "run.one_pass: expected a string, got True"),  # YAML's `yes`
     ({"run": {"one_pass": "gpu"}}, "run.one_pass: 'gpu' is not one of auto, always, never"),
+    ({"run": {"attention": "flash"}}, "run.attention: 'flash' is not one of auto, math, default"),
 ])
 def test_config_validation_names_the_bad_key(corpus, tmp_path, patch, message):
     raw = tiny_train_config(corpus, tmp_path)
