@@ -181,8 +181,8 @@ class Trainer:
         p_next = self.model.config.cross_attention.p_next
         self.one_pass = run.one_pass == "always" or (run.one_pass == "auto" and not cpu)
         # On a CPU, PyTorch's fused (flash) attention is the faster forward but a slow backward for
-        # these short sequences; its plain matmul-softmax path made a built-in recipe step 1.26x
-        # faster here (README, Benchmarks). A GPU keeps PyTorch's choice (fused kernels).
+        # these short sequences; its plain matmul-softmax path made the built-in recipe's steps
+        # 1.15-1.41x faster here (README, Benchmarks). A GPU keeps PyTorch's choice (fused kernels).
         math = run.attention == "math" or (run.attention == "auto" and cpu)
         self.attention_backends = [SDPBackend.MATH] if math else None
         loss_cls = OnePassLoss if self.one_pass else FlamingoLoss
