@@ -183,8 +183,8 @@ class Trainer:
         # On a CPU, PyTorch's fused (flash) attention is the faster forward but a slow backward for
         # these short sequences; its plain matmul-softmax path made the built-in recipe's steps
         # 1.15-1.41x faster here (README, Benchmarks). A GPU keeps PyTorch's choice (fused kernels).
-        math = run.attention == "math" or (run.attention == "auto" and cpu)
-        self.attention_backends = [SDPBackend.MATH] if math else None
+        plain = run.attention == "math" or (run.attention == "auto" and cpu)
+        self.attention_backends = [SDPBackend.MATH] if plain else None
         loss_cls = OnePassLoss if self.one_pass else FlamingoLoss
         self.loss_module, self.optimizer = acc.prepare(loss_cls(self.model, p_next), self.optimizer)
         self.step = 0

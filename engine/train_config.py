@@ -35,6 +35,7 @@ from .objective import STRATEGIES
 DEFAULT_MAX_TOKENS = {"interleaved": 256, "pairs": 64, "video": 64}
 MODES = ("generative", "contrastive", "token_probe")
 ONE_PASS = ("auto", "always", "never")
+ATTENTION = ("auto", "math", "default")
 
 
 @dataclass
@@ -371,7 +372,7 @@ def _validate(cfg: TrainConfig, where: str) -> None:
     _choice(r.mixed_precision, ("auto", "no", "bf16", "fp16"), f"{where}: run.mixed_precision")
     _choice(r.device, ("auto", "cpu", "cuda"), f"{where}: run.device")
     _choice(r.one_pass, ONE_PASS, f"{where}: run.one_pass")
-    _choice(r.attention, ("auto", "math", "default"), f"{where}: run.attention")
+    _choice(r.attention, ATTENTION, f"{where}: run.attention")
     if r.max_steps < 1 or r.save_every < 1 or r.log_every < 1 or r.keep_last < 0:
         raise ValueError(f"{where}: run: max_steps, save_every and log_every must be >= 1, keep_last >= 0")
     if cfg.data.feature_cache and not o.freeze_vision and cfg.mode == "generative":
