@@ -17,6 +17,9 @@
 # in $OUT. Seen on an H200 (2026-11-30): with STEPS=12 the whole call ran 8.4 minutes, the bench
 # stopped by RECIPE_TIMEOUT=380 four eval commands in; the caption evals and 4 caption-metric
 # tests fail there for want of pycocoevalcap. Device time is short: give it one prepared call.
+# The timeouts (260 + 120 + 60 + 120 s, plus the install) keep the call under the device tool's
+# 600 s a command; the stages run twice since run.one_pass, so a timeout may cut the second run
+# short: its stages' lines are in recipe_cuda.log as they finish.
 set -u
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
@@ -33,7 +36,7 @@ W=/tmp/recipe-bench
 # timeout still leaves them. The stages run twice, side by side: a pass per dataset's batch
 # (run.one_pass never) and one pass per step (always, the GPU default; 3.7x fewer dispatched ops
 # on this CPU, not yet timed on a GPU).
-timeout "${RECIPE_TIMEOUT:-300}" $PY bench/recipe.py --slice .gpu/slice --lm-arch .gpu/smollm2-arch --device "$DEVICE" \
+timeout "${RECIPE_TIMEOUT:-260}" $PY bench/recipe.py --slice .gpu/slice --lm-arch .gpu/smollm2-arch --device "$DEVICE" \
   --steps "${STEPS:-6}" --warmup 2 ${STAGES:+--stages $STAGES} --compare run.one_pass=never,always --no-eval --work "$W" >"$OUT/recipe_cuda.json" 2>"$OUT/recipe_cuda.log"
 echo "recipe rc=$?"
 grep -E '^\{' "$OUT/recipe_cuda.log"
@@ -43,12 +46,12 @@ M=$(ls -d "$W"/stages-*/*/model 2>/dev/null | tail -1)
 if [ -n "$M" ]; then
   # The eval commands on the last stage's model. The caption evals need pycocoevalcap, which the
   # image lacks: the bench records their error and goes on.
-  timeout "${EVAL_TIMEOUT:-200}" $PY bench/recipe.py --slice .gpu/slice --device "$DEVICE" --no-train --eval-model "$M" \
+  timeout "${EVAL_TIMEOUT:-120}" $PY bench/recipe.py --slice .gpu/slice --device "$DEVICE" --no-train --eval-model "$M" \
     --eval-cap "${EVAL_CAP:-10}" --work "$W" >"$OUT/recipe_eval_cuda.json" 2>"$OUT/recipe_eval_cuda.log"
   echo "evals rc=$?"
   grep -E '^\{' "$OUT/recipe_eval_cuda.log"
   echo "generate with $M"
-  timeout 120 $PY -m engine generate --model "$M" --device "$DEVICE" --max-new-tokens 12 \
+  timeout 60 $PY -m engine generate --model "$M" --device "$DEVICE" --max-new-tokens 12 \
     --media .gpu/slice/media/pairs/000/000000_0.png --media .gpu/slice/media/videos/000/000000_0.mp4 \
     --prompt "<image>What is this? <image>What moves?" >"$OUT/generate.txt" 2>"$OUT/generate.log"
   echo "generate rc=$? reply: $(head -c 300 "$OUT/generate.txt")"
@@ -57,7 +60,7 @@ fi
 
 # The app's tests (Gradio, SQLAlchemy, the browser) and OpenFlamingo's comparison need packages
 # the image lacks; the rest run as CI runs them, with CUDA visible.
-timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider -m "not slow and not browser" \
+timeout "${TEST_TIMEOUT:-120}" $PY -m pytest -q -p no:cacheprovider -m "not slow and not browser" \
   --ignore tests/test_browser.py --ignore tests/test_service.py --ignore tests/test_store.py \
   --ignore tests/test_openflamingo.py >"$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?"
