@@ -187,6 +187,9 @@ class Trainer:
         self.attention_backends = [SDPBackend.MATH] if plain else None
         loss_cls = OnePassLoss if self.one_pass else FlamingoLoss
         self.loss_module, self.optimizer = acc.prepare(loss_cls(self.model, p_next), self.optimizer)
+        log.info("training on %s, %d process(es), mixed precision %s, %s, %s attention", acc.device, self.world, mp,
+                 "one LM pass per step" if self.one_pass else "an LM pass per dataset's batch",
+                 "matmul-softmax" if plain else "PyTorch's default")
         self.step = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
