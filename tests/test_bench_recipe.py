@@ -39,3 +39,20 @@ def test_slice_holds_the_first_records_with_their_media(tmp_path):
     assert len(bench.read_jsonl(tmp_path / "slice" / "videos.train.jsonl")) == 1
     n_media = len({m for f in ("pairs", "interleaved") for r in bench.read_jsonl(corpus / f"{f}.train.jsonl") for m in r["media"]})
     assert meta["corpus_training_media"] == n_media == 5 + (3 + 4 + 5)
+
+
+def test_compare_takes_two_values_of_one_run_setting_that_the_config_accepts():
+    import pytest
+
+    from engine.train_config import load_train_config
+
+    bench = _recipe_bench()
+    assert bench.variants(None) == [{}]
+    first, second = bench.variants("run.one_pass=never,always")
+    assert (first, second) == ({"run.one_pass": "never"}, {"run.one_pass": "always"})
+    assert bench.variant_name(first) != bench.variant_name(second) != bench.variant_name(None)
+    for variant in (first, second, *bench.variants("run.attention=default,math")):
+        load_train_config(bench.recipe_configs()[0], variant)  # a setting the stages' configs accept
+    for bad in ("one_pass=never,always", "run.one_pass=never", "run.one_pass"):
+        with pytest.raises(SystemExit, match="--compare"):
+            bench.variants(bad)
