@@ -24,7 +24,7 @@ from .data.features import load_pixels
 from .data.readers import EOC_TOKEN, MEDIA_TOKEN, RecordStream, open_source
 from .media import MediaError
 from .stage_loop import StageLoop, stage_accelerator
-from .train import build_optimizer, build_scheduler
+from .train import build_optimizer, build_scheduler, training_attention
 from .train_config import TrainConfig, dataset_path
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class ContrastiveTrainer(StageLoop):
     def __init__(self, cfg: TrainConfig, tower=None, tokenizer=None, resume: str | bool = True):
         self.cfg, run = cfg, cfg.run
         self.accelerator = acc = stage_accelerator(run)
+        self.attention = training_attention(run.attention, acc.device.type)
         torch.manual_seed(run.seed)
         if tower is None or tokenizer is None:
             from .lm import load_lm
@@ -152,7 +153,7 @@ class ContrastiveTrainer(StageLoop):
         self.model.tower.eval()  # BatchNorm statistics stay fixed; the weights train
         feed = self.feeds[self.step % len(self.feeds)]
         pixels, ids, mask = (t.to(acc.device) for t in feed.next_batch())
-        with acc.autocast():
+        with acc.autocast(), self.attention():
             loss = self.module(pixels, ids, mask)
         lr = self.optimizer_step(loss)
         loss = acc.reduce(loss.detach().float(), reduction="mean").item()

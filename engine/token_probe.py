@@ -36,7 +36,7 @@ from torch import nn
 from .data.features import FeatureCache
 from .data.readers import RecordStream, open_source
 from .stage_loop import StageLoop, stage_accelerator
-from .train import build_model, build_optimizer, build_scheduler
+from .train import build_model, build_optimizer, build_scheduler, training_attention
 from .train_config import TrainConfig, dataset_path
 
 
@@ -129,6 +129,7 @@ class TokenProbeTrainer(StageLoop):
     def __init__(self, cfg: TrainConfig, model=None, resume: str | bool = True):
         self.cfg, run = cfg, cfg.run
         self.accelerator = acc = stage_accelerator(run)
+        self.attention = training_attention(run.attention, acc.device.type)
         torch.manual_seed(run.seed)
         self.model = model if model is not None else build_model(cfg)
         self.model.requires_grad_(False)
@@ -179,7 +180,7 @@ class TokenProbeTrainer(StageLoop):
         self.module.train()
         feats, labels = (t.to(device) for t in self.labelled_feeds[self.step % len(self.labelled_feeds)].next_batch())
         anchored = self.anchor_feeds[self.step % len(self.anchor_feeds)].next_batch().to(device)
-        with acc.autocast():
+        with acc.autocast(), self.attention():
             logits, tokens = self.module(feats.float(), anchored.float())
         with torch.no_grad():
             target = self.teacher(anchored[:, None].float())[:, 0]  # (B', R, dim)

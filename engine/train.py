@@ -150,6 +150,17 @@ def resolve_mixed_precision(setting: str, device_type: str) -> str:
     return "bf16" if cpu_fast_bf16() else "no"
 
 
+def training_attention(setting: str, device_type: str):
+    """run.attention -> a factory of the context a training step's forward runs in (its backward
+    runs what the forward chose). On a CPU, PyTorch's fused (flash) attention is the faster
+    forward but a slow backward for these short sequences; its plain matmul-softmax path made the
+    built-in recipe's steps 1.15-1.41x faster here (README, Benchmarks). A GPU keeps PyTorch's
+    choice (fused kernels)."""
+    if setting == "math" or (setting == "auto" and device_type == "cpu"):
+        return lambda: sdpa_kernel([SDPBackend.MATH])
+    return nullcontext
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, model=None, resume: str | bool = True, read_only: bool = False):
         """read_only: restore the checkpoint without touching the run dir (for exporting a run
@@ -180,16 +191,12 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         p_next = self.model.config.cross_attention.p_next
         self.one_pass = run.one_pass == "always" or (run.one_pass == "auto" and not cpu)
-        # On a CPU, PyTorch's fused (flash) attention is the faster forward but a slow backward for
-        # these short sequences; its plain matmul-softmax path made the built-in recipe's steps
-        # 1.15-1.41x faster here (README, Benchmarks). A GPU keeps PyTorch's choice (fused kernels).
-        plain = run.attention == "math" or (run.attention == "auto" and cpu)
-        self.attention_backends = [SDPBackend.MATH] if plain else None
+        self.attention = training_attention(run.attention, acc.device.type)
         loss_cls = OnePassLoss if self.one_pass else FlamingoLoss
         self.loss_module, self.optimizer = acc.prepare(loss_cls(self.model, p_next), self.optimizer)
         log.info("training on %s, %d process(es), mixed precision %s, %s, %s attention", acc.device, self.world, mp,
                  "one LM pass per step" if self.one_pass else "an LM pass per dataset's batch",
-                 "matmul-softmax" if plain else "PyTorch's default")
+                 "PyTorch's default" if self.attention is nullcontext else "matmul-softmax")
         self.step = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if resume:
@@ -336,10 +343,6 @@ class Trainer:
         out.update(self.gate_values())
         return out
 
-    def _attention(self):
-        """The attention kernels of the step's forward (its backward runs what the forward chose)."""
-        return nullcontext() if self.attention_backends is None else sdpa_kernel(self.attention_backends)
-
     @staticmethod
     def _loss_args(feed: DatasetFeed, inputs: ModelInputs) -> dict:
         spec = feed.spec
@@ -353,7 +356,7 @@ class Trainer:
         for j, (feed, inputs) in enumerate(zip(feeds, batches)):
             sync = j == len(feeds) - 1
             with acc.no_sync(self.loss_module) if not sync else nullcontext():
-                with acc.autocast(), self._attention():
+                with acc.autocast(), self.attention():
                     loss, parts = self.loss_module(**self._loss_args(feed, inputs), return_parts=True)
                 acc.backward(loss * feed.weight)
             results.append((loss, parts))
@@ -361,7 +364,7 @@ class Trainer:
 
     def _one_pass(self, feeds: list[DatasetFeed], batches: list[ModelInputs]) -> list[tuple]:
         """Every batch in one LM pass (OnePassLoss), one backward of the weighted sum."""
-        with self.accelerator.autocast(), self._attention():
+        with self.accelerator.autocast(), self.attention():
             total, results = self.loss_module([self._loss_args(f, b) for f, b in zip(feeds, batches)], [f.weight for f in feeds])
         self.accelerator.backward(total)
         return results

@@ -146,7 +146,7 @@ class RunConfig:
     # never: a pass per batch; auto: always on a GPU (host-bound small passes), never on a CPU
     # (there the padding costs more than the launches save). The same losses and gradients.
     one_pass: str = "auto"
-    # The training step's attention kernels: math (matmul + softmax), default (PyTorch's choice:
+    # A training step's attention kernels (every mode): math (matmul + softmax), default (PyTorch's choice:
     # fused flash kernels where it can), auto: math on a CPU (there the fused backward is slow
     # for short sequences), default on a GPU.
     attention: str = "auto"
