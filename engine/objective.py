@@ -171,14 +171,17 @@ class FlamingoLoss(nn.Module):
         self.margin = margin
 
     def forward(self, input_ids, attention_mask, labels, features=None, pixels=None, contrast: float = 0.0,
-                time_contrast: float = 0.0, query_contrast: float = 0.0, return_parts: bool = False):
+                time_contrast: float = 0.0, query_contrast: float = 0.0, position_contrast: float = 0.0,
+                return_parts: bool = False):
         """features (B, M, T, S, d) or pixels (B, M, T, 3, H, W) -> the scalar loss. contrast,
-        time_contrast and query_contrast weigh the hinges of `score` (another row's media;
-        the row's own frames in reverse order; the row's last picture swapped for an earlier one).
-        return_parts: (loss, {"nll": ..., "hinge_image" / "hinge_time" / "hinge_query": ...}),
+        time_contrast, query_contrast and position_contrast weigh the hinges of `score` (another
+        row's media; the row's own frames in reverse order; the row's last picture swapped for an
+        earlier one; the row's pictures turned half a turn).
+        return_parts: (loss, {"nll": ..., "hinge_image" / "hinge_time" / "hinge_query" / ...}),
         detached and unweighted, with a key for every hinge whose weight is > 0 (0 where it had
         nothing to compare), so every call with the same weights logs the same keys."""
-        rows = self.rows(input_ids, attention_mask, labels, features, pixels, contrast, time_contrast, query_contrast)
+        rows = self.rows(input_ids, attention_mask, labels, features, pixels, contrast, time_contrast, query_contrast,
+                         position_contrast)
         loss, parts = self.score(rows, self.row_nll(rows.input_ids, rows.attention_mask, rows.labels, rows.media))
         return (loss, parts) if return_parts else loss
 
@@ -187,7 +190,7 @@ class FlamingoLoss(nn.Module):
         return self.model(input_ids, None, attention_mask, media=media, labels=labels, loss_reduction="sequence").loss
 
     def rows(self, input_ids, attention_mask, labels, features=None, pixels=None, contrast: float = 0.0,
-             time_contrast: float = 0.0, query_contrast: float = 0.0) -> PassRows:
+             time_contrast: float = 0.0, query_contrast: float = 0.0, position_contrast: float = 0.0) -> PassRows:
         """A batch (forward's arguments) -> its rows for an LM pass: the text under its own media
         and under each hinge's negative (one pass instead of k: on a GPU the small per-row passes
         were bound by the host launching their kernels, not by the kernels)."""
@@ -197,7 +200,8 @@ class FlamingoLoss(nn.Module):
             labels = labels.clone()
             labels[0, -1] = input_ids[0, -1]
             scale = 0.0
-        negatives = self._negatives(visual, input_ids, features, pixels, contrast, time_contrast, query_contrast) if scale > 0 else []
+        weights = {"image": contrast, "time": time_contrast, "query": query_contrast, "position": position_contrast}
+        negatives = self._negatives(visual, input_ids, features, pixels, weights) if scale > 0 else []
         k = 1 + len(negatives)
         media = None
         if visual is not None:
@@ -206,7 +210,7 @@ class FlamingoLoss(nn.Module):
             media = MediaContext(torch.cat([c.visual for c in contexts]), torch.cat([c.media_index for c in contexts]),
                                  own.only_last)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        hinges = [kind for kind, weight in (("image", contrast), ("time", time_contrast), ("query", query_contrast)) if weight > 0]
+        hinges = [kind for kind, weight in weights.items() if weight > 0]
         return PassRows(input_ids.repeat(k, 1), mask.repeat(k, 1), labels.repeat(k, 1), media,
                         [(kind, weight, which) for kind, weight, _, which in negatives], hinges, scale)
 
@@ -224,7 +228,11 @@ class FlamingoLoss(nn.Module):
         - the row's last picture swapped for its least similar earlier picture (query_contrast):
           only the text after the last marker changes, so in a few-shot naming episode the hinge
           asks the query's name to follow from its picture rather than from the names in context
-          alone (a frequent or recent name of the episode, which the plain loss also rewards)."""
+          alone (a frequent or recent name of the episode, which the plain loss also rewards);
+        - the row's pictures turned half a turn (position_contrast: the feature grid's cells in
+          reverse order, or the pixels turned): left and right, top and bottom trade places, so
+          an answer about where things are must read where they are; visual tokens that ignore
+          cell order score the same under both."""
         nll = nll.view(rows.copies, -1)
         own = nll[0]
         labelled = (rows.labels[: own.shape[0], 1:] != IGNORE).sum()
@@ -239,26 +247,30 @@ class FlamingoLoss(nn.Module):
             parts.setdefault(f"hinge_{kind}", torch.zeros((), device=loss.device))
         return loss, parts
 
-    def _negatives(self, visual, input_ids, features, pixels, contrast: float, time_contrast: float,
-                   query_contrast: float) -> list:
+    def _negatives(self, visual, input_ids, features, pixels, weights: dict[str, float]) -> list:
         """(kind, weight, negative visual tokens, rows the hinge applies to or None for all) for
-        each hinge in use: the next row's media; the row's own frames in reverse order (dim 2 of
-        features / pixels is T); the row's last media swapped for its least similar earlier one."""
+        each hinge in use (weights: kind -> weight): the next row's media; the row's own frames in
+        reverse order (dim 2 of features / pixels is T); the row's last media swapped for its
+        least similar earlier one; the row's media turned half a turn (dim 3 of features is the
+        7 x 7 grid's cells, row-major, so reversing it turns the grid; dims 4-5 of pixels are H, W)."""
         negatives = []
         if visual is None:
             return negatives
-        if contrast > 0 and visual.shape[0] > 1:
-            negatives.append(("image", contrast, visual.roll(1, dims=0), None))
+        if weights["image"] > 0 and visual.shape[0] > 1:
+            negatives.append(("image", weights["image"], visual.roll(1, dims=0), None))
         frames = features if features is not None else pixels
-        if time_contrast > 0 and frames.shape[2] > 1:
+        if weights["time"] > 0 and frames.shape[2] > 1:
             reversed_ = [None if x is None else x.flip(2) for x in (features, pixels)]
-            negatives.append(("time", time_contrast, self._visual(*reversed_), None))
-        if query_contrast > 0:
+            negatives.append(("time", weights["time"], self._visual(*reversed_), None))
+        if weights["query"] > 0:
             counts = (input_ids == self.model.media_token_id).sum(-1)
             pooled = features.float().mean(dim=(2, 3)) if features is not None else visual.detach().float().mean(2)
             swapped, rows = swap_last_media(visual, counts, pooled)
             if bool(rows.any()):
-                negatives.append(("query", query_contrast, swapped, rows))
+                negatives.append(("query", weights["query"], swapped, rows))
+        if weights["position"] > 0 and (features is None or features.shape[3] > 1):
+            turned = (features.flip(3), None) if features is not None else (None, pixels.flip((4, 5)))
+            negatives.append(("position", weights["position"], self._visual(*turned), None))
         return negatives
 
     def _visual(self, features, pixels):

@@ -348,7 +348,8 @@ class Trainer:
         spec = feed.spec
         return dict(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, labels=inputs.labels,
                     features=inputs.features, pixels=inputs.pixels, contrast=spec.image_contrast,
-                    time_contrast=spec.time_contrast, query_contrast=spec.query_contrast)
+                    time_contrast=spec.time_contrast, query_contrast=spec.query_contrast,
+                    position_contrast=spec.position_contrast)
 
     def _pass_per_batch(self, feeds: list[DatasetFeed], batches: list[ModelInputs]) -> list[tuple]:
         """A pass and a backward per batch; DDP syncs the gradients on the last backward only."""

@@ -58,6 +58,10 @@ class DatasetConfig:
     # with that picture than with the row's least similar earlier one (FlamingoLoss.score):
     # few-shot naming must read the query picture; one more copy of the batch in the pass.
     query_contrast: float = 0.0
+    # > 0 adds a hinge asking each text to be likelier with its pictures than with them turned
+    # half a turn (cached features: the grid's cells in reverse order; FlamingoLoss.score): left
+    # and right, top and bottom trade places, so position answers must read the layout.
+    position_contrast: float = 0.0
     # Leave each made-up word's first mention out of the loss (corpus records' "new_words", or
     # their "names" flagged "nonce"; engine/data/sampling.py): nothing can predict it.
     mask_new_words: bool = False
@@ -335,8 +339,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
             raise ValueError(f"{at}.weight must be >= 0, got {ds.weight}")
         if ds.batch_size < 1:
             raise ValueError(f"{at}.batch_size must be >= 1, got {ds.batch_size}")
-        if min(ds.image_contrast, ds.time_contrast, ds.query_contrast) < 0:
-            raise ValueError(f"{at}: image_contrast, time_contrast and query_contrast must be >= 0")
+        if min(ds.image_contrast, ds.time_contrast, ds.query_contrast, ds.position_contrast) < 0:
+            raise ValueError(f"{at}: image_contrast, time_contrast, query_contrast and position_contrast must be >= 0")
         if ds.query_contrast > 0 and ds.kind != "interleaved":
             raise ValueError(f"{at}.query_contrast needs several pictures per sequence: kind interleaved, not {ds.kind}")
         if ds.mask_new_words and ds.format != "corpus":

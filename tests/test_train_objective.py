@@ -225,7 +225,8 @@ def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
     ({"optim": {"embedding_lr": 0}}, "optim.embedding_lr must be > 0"),
     ({"data": {"datasets": [{"name": "a", "path": "x", "kind": "pairs", "time_contrast": 1.0}]}}, "time_contrast needs frames to reverse"),
     ({"data": {"datasets": [{"name": "a", "path": "x", "kind": "pairs", "query_contrast": 1.0}]}}, "query_contrast needs several pictures"),
-    ({"data": {"datasets": [{"name": "a", "path": "x", "query_contrast": -1.0}]}}, "query_contrast must be >= 0"),
+    ({"data": {"datasets": [{"name": "a", "path": "x", "query_contrast": -1.0}]}}, "query_contrast and position_contrast must be >= 0"),
+    ({"data": {"datasets": [{"name": "a", "path": "x", "position_contrast": -1.0}]}}, "position_contrast must be >= 0"),
     ({"optim": {"groups": [{"match": "gated_blocks.(8"}]}}, r"optim.groups\[0\].match is not a regular expression"),
     ({"optim": {"groups": [{"match": "x", "gate_lr": 0}]}}, r"optim.groups\[0\]: lr and gate_lr must be > 0"),
     ({"optim": {"groups": [{"lr": 1e-3}]}}, r"missing key optim.groups\[0\].match"),
@@ -398,6 +399,37 @@ def test_time_contrast_pays_for_order_blind_video_tokens():
     assert model.resampler.time_embeddings.grad.abs().sum() > 0
     assert loss_fn(*args, features=feats[:, :, :1], time_contrast=1.0) == loss_fn(*args, features=feats[:, :, :1])  # one frame: no hinge
     assert plain.item() > 0
+
+
+def test_position_contrast_pays_for_tokens_that_ignore_where_things_are():
+    import dataclasses as dc
+
+    from engine.testing import TinyVisionTower, tiny_config, tiny_lm, tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    config = dc.replace(config, resampler=dc.replace(config.resampler, spatial_positions=16))
+    model = FlamingoModel(config, tiny_lm(), tiny_tokenizer(), TinyVisionTower(32))
+    from engine.testing import set_gates
+    set_gates(model, 1.0)
+    ids, labels = _captions(model, ["<image>Question: What is on the left? Answer: a cat<EOC>",
+                                    "<image>Question: Where is the dog? Answer: top<EOC>"])
+    feats = torch.randn(2, 1, 1, 16, model.vision.feature_dim)  # a 4 x 4 grid of cells
+    loss_fn = FlamingoLoss(model)
+    args = (ids.input_ids, ids.attention_mask, labels)
+    with torch.no_grad():  # no spatial embeddings: the cells' order changes nothing, the hinge pays its margin
+        blind = loss_fn(*args, features=feats, position_contrast=1.0) - loss_fn(*args, features=feats)
+        assert torch.allclose(blind, torch.tensor(2.0), atol=1e-4)
+        model.resampler.spatial_embeddings.normal_()
+    loss, parts = loss_fn(*args, features=feats, position_contrast=1.0, return_parts=True)
+    assert abs(parts["hinge_position"].item() - 2.0) > 1e-3  # the turned grid now reads differently
+    loss.backward()
+    assert model.resampler.spatial_embeddings.grad.abs().sum() > 0
+    one_cell = feats[:, :, :, :1].expand(-1, -1, -1, 16, -1).clone()  # every cell the same: turning changes nothing
+    model.resampler.spatial_embeddings.data.zero_()
+    with torch.no_grad():
+        assert loss_fn(*args, features=one_cell, position_contrast=1.0).item() == pytest.approx(
+            loss_fn(*args, features=one_cell).item() + 2.0, abs=1e-4)
 
 
 def test_swap_last_media_takes_the_least_similar_earlier_item():
