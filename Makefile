@@ -41,10 +41,10 @@ test-fast: $(TEST_OK)
 	$(PY) -m pytest -m "not slow and not browser"
 
 # The offline corpus from Debian's clip art and emoji (installed here when missing, as root).
-# A corpus built before the naming episodes existed (no naming.train.jsonl) is rebuilt.
+# A corpus built before the place-labelled pictures existed (no places.test.jsonl) is rebuilt.
 data: DEBIAN_PKGS := openclipart-png fonts-noto-color-emoji
 data: $(APP_OK) debian-deps
-	test -f $(CORPUS)/manifest.json -a -f $(CORPUS)/naming.train.jsonl || $(PY) -m engine build-data --out $(CORPUS) --size full --seed 0
+	test -f $(CORPUS)/manifest.json -a -f $(CORPUS)/places.test.jsonl || $(PY) -m engine build-data --out $(CORPUS) --size full --seed 0
 
 # The built-in model: corpus -> training subsets + chat records -> stage 1 (constant rate, the
 # subsets) -> stage 2 (the same run, full files, decaying rate) -> stage 3 (a second, shorter

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from engine.data import records as REC
 from engine.data import sources as S
+from engine.data import templates as T
 from engine.data.corpus import BuildConfig, Sizes, build_corpus
 from engine.data.names import (clean_clipart_name, clean_emoji_name, nonce_words, plural,
                                with_article)
@@ -26,8 +27,8 @@ from engine.data.names import (clean_clipart_name, clean_emoji_name, nonce_words
 REAL_CLIPART = Path(S.DEFAULT_CLIPART_DIR)
 REAL_FONT = Path(S.DEFAULT_EMOJI_FONT)
 
-TINY = Sizes(pairs=24, interleaved=12, naming=6, videos=6, vqa=16, classify_renders=2,
-             caption_renders=1, vqa_test=8, video_qa=4, recognize=6)
+TINY = Sizes(pairs=24, places=18, interleaved=12, naming=6, videos=6, vqa=16, classify_renders=2,
+             caption_renders=1, vqa_test=8, video_qa=4, recognize=6, places_test=9)
 
 # (path as in openclipart-png, label): one or two files per concept, plus junk.
 FIXTURE_FILES = [
@@ -225,6 +226,22 @@ def test_train_files_exclude_heldout_concepts(built):
         assert any(r["background"] in c for c in r["captions"])
 
 
+def test_places_are_labelled_with_where_the_object_is(built):
+    """Each picture's label names the 3 x 3 cell that holds the centre of its drawn pixels, and the
+    caption says it."""
+    out, _ = built
+    recs = _read(out / "places.train.jsonl") + _read(out / "places.test.jsonl")
+    names = {name: cell for cell, (name, _) in T.PLACES.items()}
+    assert len({r["place"] for r in recs}) >= 4
+    for r in recs:
+        a = np.asarray(Image.open(out / r["media"][0]).convert("RGB")).astype(int)
+        drawn = np.abs(a - a[2, 2]).sum(-1) > 60   # not the (plain, jittered) background
+        ys, xs = np.nonzero(drawn)
+        cell = (int(xs.mean() * 3 // a.shape[1]), int(ys.mean() * 3 // a.shape[0]))
+        assert cell == names[r["place"]], r
+        assert r["text"] == f"<image>{T.place_caption(r['label'], *cell)}<EOC>"
+
+
 def test_interleaved_documents_teach_from_context(built):
     out, _ = built
     docs = _read(out / "interleaved.train.jsonl")
@@ -305,8 +322,8 @@ def test_same_seed_same_corpus(tmp_path, clipart_dir, fake_emoji):
 
 
 def test_parallel_build_matches_serial(tmp_path, clipart_dir, fake_emoji):
-    cfg = dict(sizes=Sizes(pairs=20, interleaved=10, naming=4, videos=4, vqa=10, classify_renders=1,
-                           caption_renders=1, vqa_test=4, video_qa=4, recognize=4),
+    cfg = dict(sizes=Sizes(pairs=20, places=6, interleaved=10, naming=4, videos=4, vqa=10, classify_renders=1,
+                           caption_renders=1, vqa_test=4, video_qa=4, recognize=4, places_test=3),
                clipart_dir=str(clipart_dir), emoji_font=fake_emoji, emoji_chars=FAKE_EMOJI,
                progress=False)
     build_corpus(BuildConfig(out=tmp_path / "serial", workers=1, **cfg))

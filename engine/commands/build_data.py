@@ -42,11 +42,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="preset record counts: small = a few hundred records (minutes), "
                         "full = ~30k pairs, 8k documents, 4k naming episodes, 3k videos, 8k VQA (~10 minutes); default small")
     counts = p.add_argument_group("explicit counts (override --size)")
-    for name, what in (("pairs", "image-text pairs"), ("interleaved", "interleaved documents"),
+    for name, what in (("pairs", "image-text pairs"), ("places", "pictures labelled with where the object is"),
+                       ("interleaved", "interleaved documents"),
                        ("naming", "few-shot naming episodes (3-9 pictures)"),
                        ("videos", "captioned videos"), ("vqa", "VQA training scenes"),
                        ("vqa-test", "VQA test questions"), ("video-qa", "video test questions"),
                        ("recognize", "recognition test images"),
+                       ("places-test", "place-labelled test images"),
                        ("classify-renders", "test renders per held-out concept (classify)"),
                        ("caption-renders", "test renders per held-out concept (captions)")):
         counts.add_argument(f"--{name}", type=_positive, default=None, metavar="N", help=what)
@@ -76,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --heldout-fraction must be between 0 and 1, got {args.heldout_fraction}",
               file=sys.stderr)
         return 2
-    sizes = sizes_for(args.size, pairs=args.pairs, interleaved=args.interleaved, naming=args.naming,
+    sizes = sizes_for(args.size, pairs=args.pairs, places=args.places, interleaved=args.interleaved, naming=args.naming,
                       videos=args.videos, vqa=args.vqa, vqa_test=args.vqa_test,
-                      video_qa=args.video_qa, recognize=args.recognize,
+                      video_qa=args.video_qa, recognize=args.recognize, places_test=args.places_test,
                       classify_renders=args.classify_renders,
                       caption_renders=args.caption_renders)
     cfg = BuildConfig(out=args.out, seed=args.seed, sizes=sizes, clipart_dir=args.clipart_dir,

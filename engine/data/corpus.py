@@ -47,6 +47,7 @@ class CorpusError(ValueError):
 @dataclass(frozen=True)
 class Sizes:
     pairs: int
+    places: int
     interleaved: int
     naming: int
     videos: int
@@ -56,13 +57,14 @@ class Sizes:
     vqa_test: int
     video_qa: int
     recognize: int
+    places_test: int
 
 
 SIZES = {
-    "small": Sizes(pairs=200, interleaved=60, naming=40, videos=24, vqa=100, classify_renders=3,
-                   caption_renders=1, vqa_test=40, video_qa=16, recognize=40),
-    "full": Sizes(pairs=30_000, interleaved=8_000, naming=4_000, videos=3_000, vqa=8_000, classify_renders=10,
-                  caption_renders=3, vqa_test=1_500, video_qa=500, recognize=1_500),
+    "small": Sizes(pairs=200, places=60, interleaved=60, naming=40, videos=24, vqa=100, classify_renders=3,
+                   caption_renders=1, vqa_test=40, video_qa=16, recognize=40, places_test=18),
+    "full": Sizes(pairs=30_000, places=6_000, interleaved=8_000, naming=4_000, videos=3_000, vqa=8_000, classify_renders=10,
+                  caption_renders=3, vqa_test=1_500, video_qa=500, recognize=1_500, places_test=900),
 }
 
 

@@ -8,6 +8,7 @@ order and the corpus is still the same.  Kinds and the files they go to:
 kind       file                       what
 ========== ========================== =====================================================
 pairs      pairs.train.jsonl          one object, one caption
+places     places.train.jsonl         one smaller object in one of 9 places, labelled with it
 interleaved interleaved.train.jsonl   2-5 images: naming (often made-up names), captions, VQA
 naming     naming.train.jsonl         few-shot naming episodes: 2-5 concepts, 3-9 images
 videos     videos.train.jsonl         one object moving / growing / appearing, captioned
@@ -17,6 +18,7 @@ captions   captions.test.jsonl        held-out renders with reference captions
 vqa_test   vqa.test.jsonl             new scenes; qtype count / colour / position
 video_qa   video_qa.test.jsonl        new videos; which way does it move?
 recognize  recognize.test.jsonl       new renders of training concepts (with reference captions)
+places_test places.test.jsonl         new place-labelled renders (any concept)
 ========== ========================== =====================================================
 """
 
@@ -36,6 +38,7 @@ from .names import is_plural, nonce_words, with_article
 
 FILES = {
     "pairs": "pairs.train.jsonl",
+    "places": "places.train.jsonl",
     "interleaved": "interleaved.train.jsonl",
     "naming": "naming.train.jsonl",
     "videos": "videos.train.jsonl",
@@ -45,9 +48,10 @@ FILES = {
     "vqa_test": "vqa.test.jsonl",
     "video_qa": "video_qa.test.jsonl",
     "recognize": "recognize.test.jsonl",
+    "places_test": "places.test.jsonl",
 }
-TRAIN_KINDS = ("pairs", "interleaved", "naming", "videos", "vqa")
-TEST_KINDS = ("classify", "captions", "vqa_test", "video_qa", "recognize")
+TRAIN_KINDS = ("pairs", "places", "interleaved", "naming", "videos", "vqa")
+TEST_KINDS = ("classify", "captions", "vqa_test", "video_qa", "recognize", "places_test")
 NONCE_DOC_FRACTION = 0.6  # naming documents whose names are all made up
 MIXED_DOC_FRACTION = 0.1  # ... some made up, some real (the rest: all real)
 # Documents (with real names) whose last picture shows a concept the document has not shown. If
@@ -258,6 +262,28 @@ def make_pairs(ctx: Context, i: int) -> dict:
             "background": colour}
 
 
+def _placed_record(ctx: Context, rng: random.Random, kind: str, i: int, cid: str) -> dict:
+    """One smaller object near the centre of one cell of a 3 x 3 grid, labelled with the cell
+    ("top left" ... "bottom right"): labels for teaching the visual tokens where a thing is, which
+    the tower's cells (what is in each, not where) leave to the resampler's spatial embeddings."""
+    cut, _ = cutout(ctx, rng, cid)
+    column, row = rng.randrange(3), rng.randrange(3)
+    # cell centres at 0.2 / 0.5 / 0.8 of the side: clearly apart, the object (at most 0.36) inside
+    x, y = ((0.2 + 0.3 * k + rng.uniform(-0.03, 0.03)) * R.SIZE for k in (column, row))
+    p = R.Placement(x, y, rng.uniform(0.26, 0.36) * R.SIZE, rng.uniform(-10, 10), rng.random() < 0.5)
+    colour = R.pick_background(rng, [cut])
+    m = Media(ctx, kind, i)
+    m.image(R.render_scene(rng, [(cut, p)], colour))
+    return {"media": m.paths, "text": T.chunk(T.place_caption(ctx.labels[cid], column, row)),
+            "concept_id": cid, "label": ctx.labels[cid], "background": colour,
+            "place": T.PLACES[column, row][0]}
+
+
+def make_places(ctx: Context, i: int) -> dict:
+    return _placed_record(ctx, rng_for(ctx.seed, "places", i), "places", i,
+                          balanced(ctx, "places", i, ctx.train_ids))
+
+
 def _doc_plan(rng: random.Random) -> tuple[str, int, str, bool]:
     """An interleaved document's style, number of images, names ("made_up", "mixed" or "real";
     documents of other styles use real ones) and whether its last picture shows a new concept
@@ -441,6 +467,15 @@ def make_video_qa(ctx: Context, i: int) -> dict:
     return rec
 
 
+def make_places_test(ctx: Context, i: int) -> dict:
+    """New place-labelled renders (held-out concepts too): is where a thing is readable from the
+    visual tokens (`python -m engine.eval.probe --field place`)?"""
+    rng = rng_for(ctx.seed, "places_test", i)
+    cid = rng.choice(ctx.all_ids)
+    rec = _placed_record(ctx, rng, "places_test", i, cid)
+    return {**rec, "heldout": cid in set(ctx.heldout_ids)}
+
+
 def make_recognize(ctx: Context, i: int) -> dict:
     # a separate random stream from every training render: new placements / turns / colours
     rng = rng_for(ctx.seed, "recognize-unseen", i)
@@ -456,7 +491,8 @@ def make_recognize(ctx: Context, i: int) -> dict:
 
 
 MAKERS = {
-    "pairs": make_pairs, "interleaved": make_interleaved, "naming": make_naming, "videos": make_videos,
+    "pairs": make_pairs, "places": make_places, "interleaved": make_interleaved, "naming": make_naming, "videos": make_videos,
     "vqa": make_vqa, "classify": make_classify, "captions": make_captions,
     "vqa_test": make_vqa_test, "video_qa": make_video_qa, "recognize": make_recognize,
+    "places_test": make_places_test,
 }

@@ -93,6 +93,20 @@ def motion_caption(rng: random.Random, label: str, motion: str) -> str:
     return rng.choice(MOTION_CAPTIONS[motion]).format(A=cap(a))
 
 
+# Where a thing is, on a 3 x 3 grid: (column, row) -> the place's name and how a caption says it.
+PLACES = {
+    (0, 0): ("top left", "in the top left corner"), (1, 0): ("top", "at the top"),
+    (2, 0): ("top right", "in the top right corner"), (0, 1): ("left", "on the left"),
+    (1, 1): ("middle", "in the middle"), (2, 1): ("right", "on the right"),
+    (0, 2): ("bottom left", "in the bottom left corner"), (1, 2): ("bottom", "at the bottom"),
+    (2, 2): ("bottom right", "in the bottom right corner"),
+}
+
+
+def place_caption(label: str, column: int, row: int) -> str:
+    return f"{cap(with_article(label))} {PLACES[column, row][1]}."
+
+
 def naming(template: str, name: str) -> str:
     return template.format(n=with_article(name), w=name)
 
