@@ -529,7 +529,49 @@ def test_probe_reads_a_property_from_features_and_not_from_constants(tmp_path):
 
 
 
-@pytest.mark.parametrize("command", ["probe", "order"])
+def test_where_parses_two_sided_questions_and_ranks_by_likelihood(tmp_path, monkeypatch):
+    from engine.data import templates as T
+    from engine.eval import where
+    from engine.eval.scoring import decode_text
+
+    assert where.two_choices("Is the cat on the left or on the right?") == ("left", "right")
+    assert where.two_choices("Is the hot dog at the top or at the bottom?") == ("top", "bottom")
+    assert where.two_choices("Where is the cat?") is None
+    (tmp_path / "media").mkdir()
+    places = ["top left", "middle", "bottom"]
+    for i in range(3):
+        _image(tmp_path / f"media/{i}.png", "red", i)
+    _write(tmp_path / "places.jsonl", [{"media": [f"media/{i}.png"], "label": "cat", "place": p} for i, p in enumerate(places)])
+    _write(tmp_path / "vqa.jsonl", [
+        {"media": ["media/0.png"], "question": "Is the cat on the left or on the right?", "answers": ["right", "on the right"]},
+        {"media": ["media/1.png"], "question": "Where is the cat?", "answers": ["left"]}])  # not two-sided: left out
+    from engine.eval.datasets import read_jsonl
+
+    items, questions = read_jsonl(tmp_path / "places.jsonl"), read_jsonl(tmp_path / "vqa.jsonl")
+    model = tiny_model().eval()
+    result = where.run_where(model, items, questions, progress=False)
+    assert result["places"]["n"] == 3 and result["two_choice"]["n"] == 1 and result["places"]["chance"] == 0.1111
+    assert 0.0 <= result["places"]["accuracy"] <= 1.0
+
+    # the likeliest ending is the answer: scores that prefer the true one give 1, a false one 0
+    def scores_preferring(pick):
+        def fake(model, ids, variants, conts):
+            texts = [decode_text(model, c) for c in conts]
+            return torch.tensor([[1.0 if pick(t) else 0.0 for t in texts]])
+        return fake
+
+    truth = {T.PLACES[cell][1] for cell in T.PLACES if T.PLACES[cell][0] == "middle"}
+    monkeypatch.setattr(where, "score_continuations", scores_preferring(lambda t: t.strip(" .") in truth))
+    bank = MediaBank(model)
+    assert where.place_accuracy(model, items[1:2], bank, progress=False) == 1.0
+    monkeypatch.setattr(where, "score_continuations", scores_preferring(lambda t: t.strip() == "left"))
+    assert where.two_choice_accuracy(model, questions[:1], bank, progress=False) == 0.0
+    monkeypatch.setattr(where, "score_continuations", scores_preferring(lambda t: t.strip() == "right"))
+    assert where.two_choice_accuracy(model, questions[:1], bank, progress=False) == 1.0
+    assert where.main(["--model", str(tmp_path / "missing"), "--places", str(tmp_path / "places.jsonl")]) == 2
+
+
+@pytest.mark.parametrize("command", ["probe", "order", "where"])
 def test_diagnostics_print_their_json_alone_on_stdout(tmp_path, monkeypatch, capfd, command):
     """What a library prints while the model loads (efficientnet_lite prints a line, at the file
     descriptor or in Python) goes to stderr: stdout is the JSON result, redirectable to a file."""
@@ -549,14 +591,15 @@ def test_diagnostics_print_their_json_alone_on_stdout(tmp_path, monkeypatch, cap
     rows = []
     for i in range(6):
         colour = "red" if i % 2 else "blue"
-        if command == "probe":
+        if command in ("probe", "where"):
             _image(tmp_path / f"media/{i}.png", colour, i)
-            rows.append({"media": [f"media/{i}.png"], "background": colour})
+            rows.append({"media": [f"media/{i}.png"], "background": colour, "label": "cat", "place": "top"})
         else:
             _video(tmp_path / f"media/{i}.gif", colour, "right")
             rows.append({"media": [str(tmp_path / f"media/{i}.gif")]})
     _write(tmp_path / "items.jsonl", rows)
-    args = ["--model", "any", "--data", str(tmp_path / "items.jsonl")]
+    data = ["--places", str(tmp_path / "items.jsonl"), "--vqa", ""] if command == "where" else ["--data", str(tmp_path / "items.jsonl")]
+    args = ["--model", "any", *data]
     main = importlib.import_module(f"engine.eval.{command}").main
     assert main([*args, "--train", "4", "--no-progress"] if command == "probe" else args) == 0
     out, err = capfd.readouterr()
