@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", choices=("small", "full"), default="small",
                    help="preset record counts: small = a few hundred records (minutes), "
-                        "full = ~30k pairs, 8k documents, 4k naming episodes, 3k videos, 8k VQA (~10 minutes); default small")
+                        "full = ~30k pairs, 6k place-labelled pictures, 8k documents, 4k naming episodes, 3k videos, 8k VQA (~10 minutes); default small")
     counts = p.add_argument_group("explicit counts (override --size)")
     for name, what in (("pairs", "image-text pairs"), ("places", "pictures labelled with where the object is"),
                        ("interleaved", "interleaved documents"),
