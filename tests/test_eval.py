@@ -532,6 +532,7 @@ def test_probe_reads_a_property_from_features_and_not_from_constants(tmp_path):
 def test_where_parses_two_sided_questions_and_ranks_by_likelihood(tmp_path, monkeypatch):
     from engine.data import templates as T
     from engine.eval import where
+    from engine.eval.datasets import read_jsonl
     from engine.eval.scoring import decode_text
 
     assert where.two_choices("Is the cat on the left or on the right?") == ("left", "right")
@@ -545,8 +546,6 @@ def test_where_parses_two_sided_questions_and_ranks_by_likelihood(tmp_path, monk
     _write(tmp_path / "vqa.jsonl", [
         {"media": ["media/0.png"], "question": "Is the cat on the left or on the right?", "answers": ["right", "on the right"]},
         {"media": ["media/1.png"], "question": "Where is the cat?", "answers": ["left"]}])  # not two-sided: left out
-    from engine.eval.datasets import read_jsonl
-
     items, questions = read_jsonl(tmp_path / "places.jsonl"), read_jsonl(tmp_path / "vqa.jsonl")
     model = tiny_model().eval()
     result = where.run_where(model, items, questions, progress=False)
@@ -560,8 +559,9 @@ def test_where_parses_two_sided_questions_and_ranks_by_likelihood(tmp_path, monk
             return torch.tensor([[1.0 if pick(t) else 0.0 for t in texts]])
         return fake
 
-    truth = {T.PLACES[cell][1] for cell in T.PLACES if T.PLACES[cell][0] == "middle"}
-    monkeypatch.setattr(where, "score_continuations", scores_preferring(lambda t: t.strip(" .") in truth))
+    middle = T.PLACES[1, 1]
+    assert middle[0] == items[1]["place"]
+    monkeypatch.setattr(where, "score_continuations", scores_preferring(lambda t: t.strip(" .") == middle[1]))
     bank = MediaBank(model)
     assert where.place_accuracy(model, items[1:2], bank, progress=False) == 1.0
     monkeypatch.setattr(where, "score_continuations", scores_preferring(lambda t: t.strip() == "left"))
