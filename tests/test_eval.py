@@ -640,3 +640,69 @@ def test_standard_error_is_the_spread_of_a_mean_over_queries():
     assert standard_error([1.0, 0.0, 1.0, 0.0]) == pytest.approx(math.sqrt(1 / 3) / 2)
     assert standard_error([0.5] * 10) == 0.0 and standard_error([1.0]) == 0.0
     assert standard_error([1.0, 0.0] * 32) == pytest.approx(math.sqrt(0.25 * 64 / 63) / 8)
+
+
+def _scene(path, first, second, axis):
+    """A 32-pixel white picture: a `first`-coloured block on the left (axis x) or at the top
+    (axis y), a `second`-coloured one opposite, each over whole 8-pixel cells of the tiny tower."""
+    im = Image.new("RGB", (32, 32), "white")
+    for colour, at in ((first, 0), (second, 16)):
+        im.paste(colour, (at, 8, at + 16, 24) if axis == "x" else (8, at, 24, at + 16))
+    im.save(path)
+
+
+def test_binding_reads_which_thing_is_where_from_the_tower_and_the_swap_from_the_tokens(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from engine.eval import binding as B
+    from engine.model import FlamingoModel
+
+    # the axis comes from the question, or from the answer when the question names no side
+    assert B.scene_axis({"question": "Where is the cat?", "answers": ["left", "on the left"]}) == "x"
+    assert B.scene_axis({"question": "Is the cat at the top or at the bottom?", "answers": ["top"]}) == "y"
+    assert B.scene_axis({"question": "How many cats are there?", "answers": ["2"]}) is None
+    colours = {"red_block": "red", "blue_block": "blue", "green_block": "green"}
+    (tmp_path / "media").mkdir()
+    rows, pairs = [], []
+    for i, (a, b, axis) in enumerate([("red_block", "blue_block", "x"), ("blue_block", "green_block", "y"),
+                                       ("green_block", "red_block", "x"), ("red_block", "green_block", "y")]):
+        _scene(tmp_path / f"media/s{i}.png", colours[a], colours[b], axis)
+        q = "Where is the red block?" if axis == "x" else "Is the red block at the top or at the bottom?"
+        rows.append({"media": [f"media/s{i}.png"], "question": q, "answers": ["left" if axis == "x" else "top"],
+                     "qtype": "position", "concepts": [a, b]})
+    rows.append({"media": ["media/s0.png"], "question": "How many?", "answers": ["2"], "qtype": "count", "concepts": ["red_block"]})
+    for c, colour in colours.items():
+        Image.new("RGB", (32, 32), colour).save(tmp_path / f"media/{c}.png")
+        pairs.append({"media": [f"media/{c}.png"], "concept_id": c})
+    _write(tmp_path / "vqa.jsonl", rows)
+    _write(tmp_path / "pairs.jsonl", pairs)
+    from engine.eval.datasets import read_jsonl
+
+    items, pair_items = read_jsonl(tmp_path / "vqa.jsonl"), read_jsonl(tmp_path / "pairs.jsonl")
+    assert [s["axis"] for s in B.position_scenes(items)] == ["x", "y", "x", "y"]  # the count question is left out
+    model = tiny_model().eval()
+    result = B.run_binding(model, items, pair_items, progress=False)
+    assert result["scenes"] == 4 and result["tower_readout"] == 1.0  # each block's cells match its own colour
+    # naming the concepts the other way round puts every one on the wrong side
+    flipped = [{**it, "concepts": it["concepts"][::-1]} for it in items]
+    assert B.run_binding(model, flipped, pair_items, progress=False)["tower_readout"] == 0.0
+    # the mirrored grid differs from the picture's, but without spatial embeddings the resampler's
+    # attention over a set of cells cannot tell: its tokens do not move when the blocks swap places
+    assert result["swap"]["tower"] > 0.3
+    assert result["swap"]["tokens"] == pytest.approx(0.0, abs=1e-4)
+    cfg = dataclasses.replace(model.config, resampler=dataclasses.replace(model.config.resampler, spatial_positions=16))
+    placed = FlamingoModel(cfg, model.lm, model.tokenizer, model.vision)
+    placed.load_trainable_state_dict(model.trainable_state_dict(), allow_new_zeros=True)
+    with torch.no_grad():
+        placed.resampler.spatial_embeddings.normal_(0, 3.0)
+    assert B.run_binding(placed.eval(), items, pair_items, progress=False)["swap"]["tokens"] > 1e-3
+    with pytest.raises(ValueError, match="at least two position scenes"):
+        B.run_binding(model, items, [], progress=False)
+    with pytest.raises(ValueError, match="not a square grid"):
+        B.square_grid(torch.zeros(2, 7, 4))
+    files = ["--vqa", str(tmp_path / "vqa.jsonl"), "--pairs", str(tmp_path / "pairs.jsonl"), "--no-progress"]
+    assert B.main(["--model", str(tmp_path / "missing"), *files]) == 2
+    monkeypatch.setattr(FlamingoModel, "from_pretrained", staticmethod(lambda *a, **k: tiny_model()))
+    capsys.readouterr()
+    assert B.main(["--model", "any", *files]) == 0
+    assert json.loads(capsys.readouterr().out)["tower_readout"] == 1.0
