@@ -17,6 +17,12 @@ visual tokens of the other datasets' items at the starting model's:
 
     loss = CE(probe(flatten(resample(item))), label) + anchor_weight * MSE(resample(other), teacher(other))
 
+Some labels are about one thing in a picture of several: which side of a two-object scene a named
+concept is on (``token_probe.query_field``). A linear probe over the whole picture cannot be asked
+about one thing, so the probe then reads as a gated block does: the thing's prototype (its mean
+tower feature over some pictures of it) attends over the visual tokens, and the label is read from
+what it attends to. To answer, the tokens must keep each thing's place with what it is.
+
 Only the resampler trains (the gated blocks, LM and tower stay as they are); the probe is thrown
 away. The run writes a whole model (``run_dir/model``) for a generative stage to start from
 (``init_from``), which teaches the gated blocks to read the new tokens. Frozen features come from
@@ -40,8 +46,9 @@ from .train import build_model, build_optimizer, build_scheduler, training_atten
 from .train_config import TrainConfig, dataset_path
 
 
-def read_labelled(path: str | Path, label_field: str) -> list[tuple[Path, str]]:
-    """(absolute media path, label) of each corpus record with one media item and a label."""
+def read_labelled(path: str | Path, label_field: str, query_field: str | None = None) -> list[tuple[Path, str, str | None]]:
+    """(absolute media path, label, query) of each corpus record with one media item, a label
+    and, when query_field is given, the thing the label is about (else query None)."""
     root = Path(path).resolve().parent
     out = []
     with open(path) as f:
@@ -50,30 +57,53 @@ def read_labelled(path: str | Path, label_field: str) -> list[tuple[Path, str]]:
                 continue
             d = json.loads(line)
             media, label = d.get("media") or [], d.get(label_field)
-            if len(media) == 1 and isinstance(label, str):
-                out.append((root / media[0], label))
+            query = d.get(query_field) if query_field else None
+            if len(media) == 1 and isinstance(label, str) and (query_field is None or isinstance(query, str)):
+                out.append((root / media[0], label, query))
     return out
+
+
+def query_prototypes(path: str | Path, query_field: str, queries: list[str], renders: int,
+                     cache: FeatureCache) -> torch.Tensor:
+    """(Q, d_vision) the mean cached tower feature (over frames, positions and up to `renders`
+    pictures) of each queried thing, from the records of `path` whose query_field names it."""
+    pictures: dict[str, list[Path]] = {q: [] for q in queries}
+    for p, q, _ in read_labelled(path, query_field):  # the records' query_field is the "label" here
+        if q in pictures and len(pictures[q]) < renders:
+            pictures[q].append(p)
+    missing = [q for q, ps in pictures.items() if not ps]
+    if missing:
+        raise ValueError(f"{path}: no pictures of {len(missing)} queried things, e.g. {missing[:3]}")
+    out = []
+    for q in queries:
+        feats = [f for f in cache.get_many(pictures[q], "image").values() if f is not None]
+        if not feats:
+            raise ValueError(f"{path}: none of the pictures of {q!r} could be read")
+        out.append(torch.stack([f.float().mean(dim=(0, 1)) for f in feats]).mean(0))
+    return torch.stack(out)
 
 
 class LabelledFeed:
     """Batches of ((B, T, S, d) cached features, (B,) label indices) from labelled media (T = 1 for
     pictures; the cache samples every clip to the same T frames)."""
 
-    def __init__(self, name: str, kind: str, items: list[tuple[Path, str]], labels: list[str], batch_size: int,
-                 cache: FeatureCache, seed: int, rank: int, world: int):
+    def __init__(self, name: str, kind: str, items: list[tuple[Path, str, str | None]], labels: list[str],
+                 queries: list[str], batch_size: int, cache: FeatureCache, seed: int, rank: int, world: int):
         if not items:
             raise ValueError(f"dataset {name!r}: no records with one media item and a label")
         self.name, self.kind, self.batch_size, self.cache = name, kind, batch_size, cache
         self.index = {label: i for i, label in enumerate(labels)}
+        self.query_index = {q: i for i, q in enumerate(queries)}
         self.stream = RecordStream(items, seed=seed, rank=rank, world=world)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, S, d) features, (B,) label indices, (B,) query indices (-1 without queries)."""
         picked = [next(self.stream) for _ in range(self.batch_size)]
-        feats = self.cache.get_many([p for p, _ in picked], self.kind)
-        rows = [(feats[p], self.index[label]) for p, label in picked if feats[p] is not None]
+        feats = self.cache.get_many([p for p, _, _ in picked], self.kind)
+        rows = [(feats[p], self.index[label], self.query_index.get(q, -1)) for p, label, q in picked if feats[p] is not None]
         if not rows:
             raise ValueError(f"dataset {self.name!r}: none of a batch's media could be read")
-        return torch.stack([f for f, _ in rows]), torch.tensor([y for _, y in rows])
+        return torch.stack([f for f, _, _ in rows]), torch.tensor([y for _, y, _ in rows]), torch.tensor([q for _, _, q in rows])
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict()}
@@ -105,22 +135,54 @@ class AnchorFeed:
         self.stream.load_state_dict(state["stream"])
 
 
+class LinearReadout(nn.Linear):
+    """A label of the whole item, linear in all its visual tokens (an nn.Linear, so its
+    parameters keep the names earlier runs checkpointed: probe.weight, probe.bias)."""
+
+    def __init__(self, num_tokens: int, dim: int, num_labels: int):
+        super().__init__(num_tokens * dim, num_labels)
+
+    def forward(self, tokens: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (B, R, dim), queries: unused -> (B, labels) logits"""
+        return super().forward(tokens.flatten(1))
+
+
+class QueryReadout(nn.Module):
+    """A label about one thing in the item: the thing's prototype attends over the visual tokens
+    (one head, as a gated block's text query does) and the label is read from what it gathers."""
+
+    def __init__(self, prototypes: torch.Tensor, dim: int, num_labels: int, hidden: int = 128):
+        super().__init__()
+        self.register_buffer("prototypes", prototypes, persistent=False)  # (Q, d_vision)
+        self.query = nn.Sequential(nn.LayerNorm(prototypes.shape[1]), nn.Linear(prototypes.shape[1], hidden))
+        self.norm = nn.LayerNorm(dim)
+        self.key, self.value = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
+        self.out = nn.Linear(hidden, num_labels)
+
+    def forward(self, tokens: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, R, dim), queries: (B,) prototype indices -> (B, labels) logits"""
+        x = self.norm(tokens)
+        q = self.query(self.prototypes[queries])                                    # (B, h)
+        attn = torch.einsum("bh,brh->br", q, self.key(x)).mul(q.shape[-1] ** -0.5).softmax(-1)
+        return self.out(torch.einsum("br,brh->bh", attn, self.value(x)))
+
+
 class TokenProbe(nn.Module):
     """The trainable resampler and the probe as one module (one forward, so DDP syncs it all)."""
 
-    def __init__(self, resampler: nn.Module, num_tokens: int, dim: int, num_labels: int):
+    def __init__(self, resampler: nn.Module, probe: nn.Module):
         super().__init__()
-        self.resampler = resampler
-        self.probe = nn.Linear(num_tokens * dim, num_labels)
+        self.resampler, self.probe = resampler, probe
 
-    def forward(self, labelled: torch.Tensor, anchored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, labelled: torch.Tensor, anchored: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """
         labelled: (B, T, S, d) frozen features of labelled items
         anchored: (B', T', S, d) frozen features of items whose tokens stay put
+        queries: (B,) what each label is about (QueryReadout; ignored by LinearReadout)
         returns (B, labels) probe logits and (B', R, dim) the anchored items' visual tokens
         """
         tokens = self.resampler(labelled[:, None])[:, 0]  # (B, R, dim)
-        return self.probe(tokens.flatten(1)), self.resampler(anchored[:, None])[:, 0]
+        return self.probe(tokens, queries), self.resampler(anchored[:, None])[:, 0]
 
 
 class TokenProbeTrainer(StageLoop):
@@ -136,9 +198,12 @@ class TokenProbeTrainer(StageLoop):
         resampler = self.model.resampler.requires_grad_(True)
         # The anchored items' visual tokens as the starting model made them: what the gated blocks read.
         self.teacher = copy.deepcopy(resampler).requires_grad_(False).eval().to(acc.device)
-        self.labelled_feeds, self.anchor_feeds, self.labels = self._build_feeds()
+        self.labelled_feeds, self.anchor_feeds, self.labels, self.queries, prototypes = self._build_feeds()
         self.feeds = self.labelled_feeds + self.anchor_feeds
-        probe = TokenProbe(resampler, self.model.config.resampler.num_latents, resampler.dim, len(self.labels))
+        num_tokens = self.model.config.resampler.num_latents
+        readout = (LinearReadout(num_tokens, resampler.dim, len(self.labels)) if prototypes is None
+                   else QueryReadout(prototypes, resampler.dim, len(self.labels)))
+        probe = TokenProbe(resampler, readout)
         self.optimizer = build_optimizer(probe, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.module, self.optimizer = acc.prepare(probe, self.optimizer)
@@ -149,39 +214,46 @@ class TokenProbeTrainer(StageLoop):
 
     def _build_feeds(self):
         cfg, acc = self.cfg, self.accelerator
-        d, field = cfg.data, cfg.token_probe.label_field
+        d, tp = cfg.data, cfg.token_probe
         cache = FeatureCache(d.cache_dir or str(Path(d.root) / ".feature_cache"), self.model.vision, d.num_frames,
                              d.cache_key, device=acc.device)
         used = [ds for ds in d.datasets if ds.weight > 0]
-        names = cfg.token_probe.labelled_datasets(used)
-        items = {ds.name: read_labelled(dataset_path(cfg, ds), field) for ds in used if ds.name in names}
-        labels = sorted({label for rows in items.values() for _, label in rows})
+        names = tp.labelled_datasets(used)
+        items = {ds.name: read_labelled(dataset_path(cfg, ds), tp.label_field, tp.query_field) for ds in used if ds.name in names}
+        labels = sorted({label for rows in items.values() for _, label, _ in rows})
         if len(labels) < 2:
             raise ValueError(f"mode token_probe: the labelled datasets' records ({', '.join(names)}) need at least "
-                             f"two values of {field!r}, found {labels}")
+                             f"two values of {tp.label_field!r}, found {labels}")
+        queries = sorted({q for rows in items.values() for _, _, q in rows if q is not None})
+        prototypes = None
+        if tp.query_field is not None:
+            prototypes = query_prototypes(Path(d.root) / tp.query_pictures, tp.query_field, queries, tp.query_renders,
+                                          cache).to(acc.device)
         where = dict(seed=d.seed, rank=acc.process_index, world=acc.num_processes)
-        labelled = [LabelledFeed(ds.name, ds.media_kind, items[ds.name], labels, ds.batch_size, cache, **where)
+        labelled = [LabelledFeed(ds.name, ds.media_kind, items[ds.name], labels, queries, ds.batch_size, cache, **where)
                     for ds in used if ds.name in names]
         anchored = [AnchorFeed(dataclasses.replace(ds, path=str(dataset_path(cfg, ds))), ds.batch_size, cache, **where)
                     for ds in used if ds.name not in names]
-        return labelled, anchored, labels
+        return labelled, anchored, labels, queries, prototypes
 
     def check_resumed(self, path: Path, state: dict) -> None:
         if state.get("labels") != self.labels:
             raise ValueError(f"checkpoint {path} was trained on the labels {state.get('labels')}, the data now has {self.labels}")
+        if state.get("queries", []) != self.queries:
+            raise ValueError(f"checkpoint {path} was trained on other queried things than the data now has")
 
     def checkpoint_state(self) -> dict:
-        return {**super().checkpoint_state(), "labels": self.labels}
+        return {**super().checkpoint_state(), "labels": self.labels, "queries": self.queries}
 
     def train_step(self) -> dict:
         """One optimiser step: a labelled batch (in turn over the labelled datasets) through the
         probe, an anchored batch (in turn over the others) against the teacher's tokens."""
         acc, device = self.accelerator, self.accelerator.device
         self.module.train()
-        feats, labels = (t.to(device) for t in self.labelled_feeds[self.step % len(self.labelled_feeds)].next_batch())
+        feats, labels, queries = (t.to(device) for t in self.labelled_feeds[self.step % len(self.labelled_feeds)].next_batch())
         anchored = self.anchor_feeds[self.step % len(self.anchor_feeds)].next_batch().to(device)
         with acc.autocast(), self.attention():
-            logits, tokens = self.module(feats.float(), anchored.float())
+            logits, tokens = self.module(feats.float(), anchored.float(), queries)
         with torch.no_grad():
             target = self.teacher(anchored[:, None].float())[:, 0]  # (B', R, dim)
         ce = F.cross_entropy(logits.float(), labels)

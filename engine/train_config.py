@@ -177,6 +177,13 @@ class TokenProbeConfig:
     label_field: str = "motion"  # the corpus records' field the probe predicts
     labelled: list[str] = field(default_factory=list)  # dataset names with the labels; [] = the video datasets
     anchor_weight: float = 100.0  # on the MSE between the other items' visual tokens and the start's
+    # With query_field set, each labelled record's label is about one thing in its picture (the
+    # field names it, e.g. concept_id): the probe then reads the label through attention from that
+    # thing's prototype (its mean tower feature over up to query_renders pictures of the records
+    # in query_pictures, under data.root, whose query_field names it) over the visual tokens.
+    query_field: str | None = None
+    query_pictures: str = "pairs.train.jsonl"
+    query_renders: int = 8
 
     def labelled_datasets(self, datasets: list[DatasetConfig]) -> list[str]:
         """The names of the datasets the probe reads labels from (the rest are anchored)."""
@@ -400,6 +407,8 @@ def _validate_token_probe(cfg: TrainConfig, where: str) -> None:
         raise ValueError(f"{where}: mode token_probe trains from cached features (data.feature_cache: true)")
     if cfg.token_probe.anchor_weight < 0:
         raise ValueError(f"{where}: token_probe.anchor_weight must be >= 0, got {cfg.token_probe.anchor_weight}")
+    if cfg.token_probe.query_field is not None and cfg.token_probe.query_renders < 1:
+        raise ValueError(f"{where}: token_probe.query_renders must be >= 1, got {cfg.token_probe.query_renders}")
 
 
 def dataset_path(cfg: TrainConfig, ds: DatasetConfig) -> Path:

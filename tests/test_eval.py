@@ -658,9 +658,12 @@ def test_binding_reads_which_thing_is_where_from_the_tower_and_the_swap_from_the
     from engine.model import FlamingoModel
 
     # the axis comes from the question, or from the answer when the question names no side
-    assert B.scene_axis({"question": "Where is the cat?", "answers": ["left", "on the left"]}) == "x"
-    assert B.scene_axis({"question": "Is the cat at the top or at the bottom?", "answers": ["top"]}) == "y"
-    assert B.scene_axis({"question": "How many cats are there?", "answers": ["2"]}) is None
+    from engine.data.templates import position_axis
+
+    assert position_axis("Where is the cat?", ["left", "on the left"]) == "x"
+    assert position_axis("What is on the left?", ["top hat"]) == "x"
+    assert position_axis("Is the cat at the top or at the bottom?", ["top"]) == "y"
+    assert position_axis("How many cats are there?", ["2"]) is None
     colours = {"red_block": "red", "blue_block": "blue", "green_block": "green"}
     (tmp_path / "media").mkdir()
     rows, pairs = [], []

@@ -481,6 +481,21 @@ def test_position_questions_file(tmp_path):
     assert [r["text"] for r in got] == ["<image>1<EOC>", "<image>3<EOC>"]
 
 
+def test_position_sides_name_where_each_of_a_scenes_two_concepts_is(tmp_path):
+    import json
+
+    from engine.data.prepare import write_position_sides
+
+    rows = [{"media": ["a.png"], "question": "Where is the cat?", "answers": ["right", "on the right"], "concepts": ["dog", "cat"]},
+            {"media": ["b.png"], "question": "What is at the top?", "answers": ["top hat"], "concepts": ["top_hat", "cat"]},
+            {"media": ["c.png"], "question": "What is this?", "answers": ["cat"], "concepts": ["cat"]}]  # no sides: skipped
+    (tmp_path / "vqa.position.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert write_position_sides(tmp_path) == 4
+    got = [json.loads(l) for l in (tmp_path / "position_sides.train.jsonl").read_text().splitlines()]
+    assert [(r["media"][0], r["concept_id"], r["side"]) for r in got] == [
+        ("a.png", "dog", "left"), ("a.png", "cat", "right"), ("b.png", "top_hat", "top"), ("b.png", "cat", "bottom")]
+
+
 def test_motion_questions_ask_what_the_test_clips_ask(tmp_path):
     import json
 

@@ -4,7 +4,9 @@
 
 writes `<kind>.subset.train.jsonl` (the first N records of each train file, so the frozen-feature
 cache holds only what training will read), `vqa.position.train.jsonl` (the position questions of
-the full VQA file, for configs/experiment_positions.yaml), `videos_qa.train.jsonl` (the
+the full VQA file, for configs/experiment_positions.yaml), `position_sides.train.jsonl` (their
+scenes as one record per concept and the side it is on, for configs/experiment_binding_probe.yaml),
+`videos_qa.train.jsonl` (the
 direction questions about the training clips, for configs/experiment_motion_mix.yaml),
 `vqa_colour.train.jsonl` (the pairs' pictures asked their background colour, for
 configs/default_model_colour_qa.yaml), `naming_hard.train.jsonl` (the naming episodes with half of them made hard, for
@@ -46,6 +48,24 @@ def write_position_questions(corpus: Path) -> int:
         lines = [line for line in f if json.loads(line).get("qtype") == "position"]
     (corpus / "vqa.position.train.jsonl").write_text("".join(lines))
     return len(lines)
+
+
+def write_position_sides(corpus: Path) -> int:
+    """vqa.position.train.jsonl's scenes -> position_sides.train.jsonl: one record per scene and
+    concept, {"media", "concept_id", "side"}, the side being where that concept is ("left",
+    "right", "top", "bottom"; the records list the left or top concept first); returns their
+    number. A token probe asked about one thing reads these (token_probe.query_field)."""
+    out = []
+    with (corpus / "vqa.position.train.jsonl").open() as f:
+        for line in f:
+            record = json.loads(line)
+            axis = T.position_axis(record["question"], record["answers"])
+            if axis is None or len(record.get("concepts", [])) != 2:
+                continue
+            for concept, side in zip(record["concepts"], T.SIDES[axis]):
+                out.append(json.dumps({"media": record["media"], "concept_id": concept, "side": side}) + "\n")
+    (corpus / "position_sides.train.jsonl").write_text("".join(out))
+    return len(out)
 
 
 def write_motion_questions(corpus: Path) -> int:
@@ -125,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     counts = write_subsets(args.corpus, {k: getattr(args, k) for k in FILES})
     counts["vqa_position"] = write_position_questions(args.corpus)
+    counts["position_sides"] = write_position_sides(args.corpus)
     counts["videos_qa"] = write_motion_questions(args.corpus)
     counts["vqa_colour"] = write_colour_questions(args.corpus)
     if (args.corpus / "naming.train.jsonl").is_file():

@@ -103,6 +103,18 @@ PLACES = {
 }
 
 
+SIDES = {"x": ("left", "right"), "y": ("top", "bottom")}  # a two-object scene's sides, first side first
+
+
+def position_axis(question: str, answers: list[str] = ()) -> str | None:
+    """The axis a position question is about, from its words and its answers ("Where is the cat?"
+    names no side; its answer "left" does): "x" (left / right), "y" (top / bottom) or None."""
+    words = set(" ".join([question, *map(str, answers)]).lower().replace("?", " ").split())
+    if words & set(SIDES["x"]):
+        return "x"
+    return "y" if words & set(SIDES["y"]) else None
+
+
 def place_caption(label: str, column: int, row: int) -> str:
     return f"{cap(with_article(label))} {PLACES[column, row][1]}."
 

@@ -29,28 +29,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..data import templates as T
 from .datasets import read_jsonl
 from .scoring import MediaBank
-
-SIDES = {"x": ("left", "right"), "y": ("top", "bottom")}
-
-
-def scene_axis(item: dict) -> str | None:
-    """The axis a position question is about, from its words and its answers ("Where is the cat?"
-    names no side; its answer "left" does): "x" (left / right), "y" (top / bottom) or None."""
-    text = " ".join([item.get("question", "")] + [str(a) for a in item.get("answers", [])])
-    words = set(text.lower().replace("?", " ").split())
-    if words & set(SIDES["x"]):
-        return "x"
-    return "y" if words & set(SIDES["y"]) else None
-
 
 def position_scenes(items: list[dict]) -> list[dict]:
     """The position questions' scenes: {media, first, second, axis}, `first` being the concept on
     the left (axis x) or at the top (axis y), as the corpus records list them."""
     out = []
     for it in items:
-        axis = scene_axis(it)
+        axis = T.position_axis(it.get("question", ""), it.get("answers", []))
         concepts = it.get("concepts") or []
         if it.get("qtype") == "position" and axis and len(concepts) == 2 and it.get("media"):
             out.append({"media": it["media"][0], "first": concepts[0], "second": concepts[1], "axis": axis})
