@@ -19,9 +19,11 @@ visual tokens of the other datasets' items at the starting model's:
 
 Some labels are about one thing in a picture of several: which side of a two-object scene a named
 concept is on (``token_probe.query_field``). A linear probe over the whole picture cannot be asked
-about one thing, so the probe then reads as a gated block does: the thing's prototype (its mean
-tower feature over some pictures of it) attends over the visual tokens, and the label is read from
-what it attends to. To answer, the tokens must keep each thing's place with what it is.
+about one thing, so the probe then reads what a query for the thing gathers: the item's tokens
+weighted by their cosine likeness to the thing's own tokens (the resampled mean feature grid of
+some pictures of it), then a linear layer. The match is fixed, not learned (a learned query
+matched too slowly to tell anything), so only tokens that keep each thing's place with what it is
+can answer.
 
 Only the resampler trains (the gated blocks, LM and tower stay as they are); the probe is thrown
 away. The run writes a whole model (``run_dir/model``) for a generative stage to start from
@@ -65,8 +67,8 @@ def read_labelled(path: str | Path, label_field: str, query_field: str | None = 
 
 def query_prototypes(path: str | Path, query_field: str, queries: list[str], renders: int,
                      cache: FeatureCache) -> torch.Tensor:
-    """(Q, d_vision) the mean cached tower feature (over frames, positions and up to `renders`
-    pictures) of each queried thing, from the records of `path` whose query_field names it."""
+    """(Q, 1, S, d_vision) the mean cached tower feature grid (over up to `renders` pictures) of
+    each queried thing, from the records of `path` whose query_field names it."""
     pictures: dict[str, list[Path]] = {q: [] for q in queries}
     for p, q, _ in read_labelled(path, query_field):  # the records' query_field is the "label" here
         if q in pictures and len(pictures[q]) < renders:
@@ -79,8 +81,16 @@ def query_prototypes(path: str | Path, query_field: str, queries: list[str], ren
         feats = [f for f in cache.get_many(pictures[q], "image").values() if f is not None]
         if not feats:
             raise ValueError(f"{path}: none of the pictures of {q!r} could be read")
-        out.append(torch.stack([f.float().mean(dim=(0, 1)) for f in feats]).mean(0))
+        out.append(torch.stack([f[:1].float() for f in feats]).mean(0))
     return torch.stack(out)
+
+
+def gather_like(tokens: torch.Tensor, own: torch.Tensor, sharpness: float = 20.0) -> torch.Tensor:
+    """What a query for one thing gathers from an item's visual tokens: the tokens weighted by how
+    much each looks like one of the thing's own tokens (cosine; softmax over the item's tokens).
+    tokens: (B, R, dim), own: (B, R', dim) -> (B, dim)"""
+    likeness = F.cosine_similarity(tokens[:, :, None], own[:, None], dim=-1).amax(-1)  # (B, R)
+    return torch.einsum("br,brd->bd", (likeness * sharpness).softmax(-1), tokens)
 
 
 class LabelledFeed:
@@ -142,47 +152,47 @@ class LinearReadout(nn.Linear):
     def __init__(self, num_tokens: int, dim: int, num_labels: int):
         super().__init__(num_tokens * dim, num_labels)
 
-    def forward(self, tokens: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (B, R, dim), queries: unused -> (B, labels) logits"""
+    def forward(self, tokens: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (B, R, dim), own: unused -> (B, labels) logits"""
         return super().forward(tokens.flatten(1))
 
 
-class QueryReadout(nn.Module):
-    """A label about one thing in the item: the thing's prototype attends over the visual tokens
-    (one head, as a gated block's text query does) and the label is read from what it gathers."""
+class MatchReadout(nn.Module):
+    """A label about one thing in the item, read from what a query for that thing gathers
+    (`gather_like`: the item's tokens that look like the thing's own tokens). The match is fixed,
+    not learned, so the probe can only succeed if the tokens that look like the thing carry the
+    label: for a side, each thing's place must stay with what it is."""
 
-    def __init__(self, prototypes: torch.Tensor, dim: int, num_labels: int, hidden: int = 128):
+    def __init__(self, dim: int, num_labels: int):
         super().__init__()
-        self.register_buffer("prototypes", prototypes, persistent=False)  # (Q, d_vision)
-        self.query = nn.Sequential(nn.LayerNorm(prototypes.shape[1]), nn.Linear(prototypes.shape[1], hidden))
         self.norm = nn.LayerNorm(dim)
-        self.key, self.value = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
-        self.out = nn.Linear(hidden, num_labels)
+        self.out = nn.Linear(dim, num_labels)
 
-    def forward(self, tokens: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, R, dim), queries: (B,) prototype indices -> (B, labels) logits"""
-        x = self.norm(tokens)
-        q = self.query(self.prototypes[queries])                                    # (B, h)
-        attn = torch.einsum("bh,brh->br", q, self.key(x)).mul(q.shape[-1] ** -0.5).softmax(-1)
-        return self.out(torch.einsum("br,brh->bh", attn, self.value(x)))
+    def forward(self, tokens: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, R, dim), own: (B, R', dim) the queried things' own tokens -> (B, labels) logits"""
+        return self.out(self.norm(gather_like(tokens, own)))
 
 
 class TokenProbe(nn.Module):
-    """The trainable resampler and the probe as one module (one forward, so DDP syncs it all)."""
+    """The trainable resampler and the probe as one module (one forward, so DDP syncs it all).
+    With `prototypes` ((Q, 1, S, d) feature grids of the queried things), each labelled item's
+    queried thing is resampled too, giving the MatchReadout its own tokens."""
 
-    def __init__(self, resampler: nn.Module, probe: nn.Module):
+    def __init__(self, resampler: nn.Module, probe: nn.Module, prototypes: torch.Tensor | None = None):
         super().__init__()
         self.resampler, self.probe = resampler, probe
+        self.register_buffer("prototypes", prototypes, persistent=False)
 
     def forward(self, labelled: torch.Tensor, anchored: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """
         labelled: (B, T, S, d) frozen features of labelled items
         anchored: (B', T', S, d) frozen features of items whose tokens stay put
-        queries: (B,) what each label is about (QueryReadout; ignored by LinearReadout)
+        queries: (B,) what each label is about (indices into prototypes; unused without them)
         returns (B, labels) probe logits and (B', R, dim) the anchored items' visual tokens
         """
         tokens = self.resampler(labelled[:, None])[:, 0]  # (B, R, dim)
-        return self.probe(tokens, queries), self.resampler(anchored[:, None])[:, 0]
+        own = None if self.prototypes is None else self.resampler(self.prototypes[queries][:, None])[:, 0]  # (B, R, dim)
+        return self.probe(tokens, own), self.resampler(anchored[:, None])[:, 0]
 
 
 class TokenProbeTrainer(StageLoop):
@@ -202,8 +212,8 @@ class TokenProbeTrainer(StageLoop):
         self.feeds = self.labelled_feeds + self.anchor_feeds
         num_tokens = self.model.config.resampler.num_latents
         readout = (LinearReadout(num_tokens, resampler.dim, len(self.labels)) if prototypes is None
-                   else QueryReadout(prototypes, resampler.dim, len(self.labels)))
-        probe = TokenProbe(resampler, readout)
+                   else MatchReadout(resampler.dim, len(self.labels)))
+        probe = TokenProbe(resampler, readout, prototypes)
         self.optimizer = build_optimizer(probe, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.module, self.optimizer = acc.prepare(probe, self.optimizer)

@@ -686,6 +686,9 @@ def test_binding_reads_which_thing_is_where_from_the_tower_and_the_swap_from_the
     model = tiny_model().eval()
     result = B.run_binding(model, items, pair_items, progress=False)
     assert result["scenes"] == 4 and result["tower_readout"] == 1.0  # each block's cells match its own colour
+    assert "token_readout" not in result
+    fitted = B.run_binding(model, items, pair_items, fit_items=items, progress=False)
+    assert fitted["fit_scenes"] == 4 and 0.0 <= fitted["token_readout"] <= 1.0
     # naming the concepts the other way round puts every one on the wrong side
     flipped = [{**it, "concepts": it["concepts"][::-1]} for it in items]
     assert B.run_binding(model, flipped, pair_items, progress=False)["tower_readout"] == 0.0
@@ -709,3 +712,22 @@ def test_binding_reads_which_thing_is_where_from_the_tower_and_the_swap_from_the
     capsys.readouterr()
     assert B.main(["--model", "any", *files]) == 0
     assert json.loads(capsys.readouterr().out)["tower_readout"] == 1.0
+
+
+def test_token_readout_finds_a_side_kept_with_what_is_there_and_not_one_kept_apart():
+    """Tokens of 12 two-thing scenes (every ordered pair of 4 things): one token per thing, its
+    identity code plus a side code. The readout gathers the named thing's token and reads the
+    side from it. Tokens that say what is there but not where leave it at chance."""
+    from engine.eval.binding import token_readout
+
+    eye = torch.eye(4) * 3.0
+    own = {str(c): torch.cat([eye[c], torch.zeros(1)])[None] for c in range(4)}  # (R'=1, dim=5)
+    scenes = [{"first": str(a), "second": str(b)} for a in range(4) for b in range(4) if a != b]
+
+    def tokens(side_code: float) -> torch.Tensor:
+        return torch.stack([torch.stack([torch.cat([eye[int(s["first"])], torch.tensor([side_code])]),
+                                         torch.cat([eye[int(s["second"])], torch.tensor([-side_code])])])
+                            for s in scenes])  # (12, R=2, 5)
+
+    assert token_readout(tokens(1.0), scenes, tokens(1.0), scenes, own) == 1.0
+    assert token_readout(tokens(0.0), scenes, tokens(0.0), scenes, own) == 0.5

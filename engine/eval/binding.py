@@ -14,6 +14,10 @@ by side or one above the other):
   tokens move under that swap, divided by how far they move when the scene is replaced by the
   next scene (mean relative distances). A ratio near 0 means the representation does not change
   when the two things swap places: the LM reading it cannot tell which is on the left.
+- token_readout: whether the visual tokens say it. For each concept, the scene's tokens are
+  weighted by how much each looks like the concept's own tokens (those of its pictures), as a
+  query for it would gather them, and a linear readout fitted on the scenes of `--fit` (the
+  training file's position scenes) says whether it is on the first side. Chance 0.5.
 
 `python -m engine.eval.where` asks whether the LM says where things are. Prints JSON.
 """
@@ -30,7 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import templates as T
+from ..token_probe import gather_like
 from .datasets import read_jsonl
+from .probe import softmax_probe
 from .scoring import MediaBank
 
 def position_scenes(items: list[dict]) -> list[dict]:
@@ -89,7 +95,7 @@ def swap_ratio(x: torch.Tensor, x_swapped: torch.Tensor) -> float:
     return relative_move(x, x_swapped) / relative_move(x, x.roll(1, dims=0))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def tower_grids(model, paths: list[str], desc: str, progress: bool = True) -> torch.Tensor:
     """(P, S, d) frozen tower features of pictures (their first frame), one tower pass per file."""
     bank = MediaBank(model)
@@ -114,27 +120,53 @@ def concept_pictures(pairs: list[dict], concepts: set[str], renders: int) -> dic
     return out
 
 
-@torch.inference_mode()
-def run_binding(model, items: list[dict], pairs: list[dict], renders: int = 8, progress: bool = True) -> dict:
-    scenes = position_scenes(items)
-    pictures = concept_pictures(pairs, {c for s in scenes for c in (s["first"], s["second"])}, renders)
-    scenes = [s for s in scenes if pictures.get(s["first"]) and pictures.get(s["second"])]
+def token_readout(fit_tokens: torch.Tensor, fit_scenes: list[dict], test_tokens: torch.Tensor,
+                  test_scenes: list[dict], own_tokens: dict[str, torch.Tensor]) -> float:
+    """Share of the test scenes' concepts a linear readout, fitted on the fit scenes, puts on the
+    right side (first or second) from what `gather_like` gathers for them (the scene's tokens
+    weighted by their likeness to the concept's own). Chance 0.5: a concept is
+    as often first as second, so the readout must find the side in the tokens that look like it."""
+    rows, first = [], []
+    for tokens, scenes in ((fit_tokens, fit_scenes), (test_tokens, test_scenes)):
+        for t, s in zip(tokens, scenes):
+            for concept, is_first in ((s["first"], 1), (s["second"], 0)):
+                rows.append(gather_like(t[None], own_tokens[concept][None])[0])
+                first.append(is_first)
+    with torch.enable_grad():
+        return softmax_probe(torch.stack(rows), torch.tensor(first), 2 * len(fit_scenes))
+
+
+@torch.no_grad()  # not inference_mode: token_readout fits a probe on these tensors
+def run_binding(model, items: list[dict], pairs: list[dict], renders: int = 8, fit_items: list[dict] = (),
+                progress: bool = True) -> dict:
+    """The readouts and swap ratios on `items`' position scenes; with `fit_items` (other position
+    scenes, e.g. the training file's) also the visual tokens' readout fitted on those."""
+    scenes, fit = position_scenes(items), position_scenes(fit_items)
+    pictures = concept_pictures(pairs, {c for s in scenes + fit for c in (s["first"], s["second"])}, renders)
+    scenes, fit = ([s for s in x if pictures.get(s["first"]) and pictures.get(s["second"])] for x in (scenes, fit))
     if len(scenes) < 2:
         raise ValueError("need at least two position scenes whose concepts have pictures in the pairs file")
     flat = [p for ps in pictures.values() for p in ps]
-    feats = tower_grids(model, flat, "prototypes", progress).mean(1)  # (P, d)
-    prototypes, at = {}, 0
+    feats = square_grid(tower_grids(model, flat, "concept pictures", progress))  # (P, side, side, d)
+    concept_grids, at = {}, 0
     for c, ps in pictures.items():
-        prototypes[c], at = feats[at:at + len(ps)].mean(0), at + len(ps)
+        concept_grids[c], at = feats[at:at + len(ps)], at + len(ps)
+    prototypes = {c: g.mean(dim=(0, 1, 2)) for c, g in concept_grids.items()}
     grids = square_grid(tower_grids(model, [s["media"] for s in scenes], "scenes", progress))
-    turned = swapped(grids, scenes)
 
     def tokens(g: torch.Tensor) -> torch.Tensor:  # (N, side, side, d) -> (N, R, dim)
         x = g.flatten(1, 2)[:, None, None].to(model.resampler.latents.dtype)  # (N, M=1, T=1, S, d)
         return torch.cat([model.resample(x[i:i + 64])[:, 0] for i in range(0, len(x), 64)]).float()
 
-    return {"scenes": len(scenes), "tower_readout": round(tower_readout(grids, scenes, prototypes), 4), "chance": 0.5,
-            "swap": {"tower": round(swap_ratio(grids, turned), 4), "tokens": round(swap_ratio(tokens(grids), tokens(turned)), 4)}}
+    scene_tokens, turned = tokens(grids), swapped(grids, scenes)
+    out = {"scenes": len(scenes), "tower_readout": round(tower_readout(grids, scenes, prototypes), 4), "chance": 0.5,
+           "swap": {"tower": round(swap_ratio(grids, turned), 4), "tokens": round(swap_ratio(scene_tokens, tokens(turned)), 4)}}
+    if fit:
+        fit_tokens = tokens(square_grid(tower_grids(model, [s["media"] for s in fit], "fit scenes", progress)))
+        own = {c: tokens(g).mean(0) for c, g in concept_grids.items()}  # (R, dim) each
+        out["token_readout"] = round(token_readout(fit_tokens, fit, scene_tokens, scenes, own), 4)
+        out["fit_scenes"] = len(fit)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="assets/model", help="a saved model folder (default assets/model)")
     p.add_argument("--vqa", default="corpus/vqa.test.jsonl", help="scene questions with qtype and concepts")
     p.add_argument("--pairs", default="corpus/pairs.train.jsonl", help="pictures with concept_id (the prototypes)")
+    p.add_argument("--fit", default="corpus/vqa.position.train.jsonl",
+                   help="position scenes the tokens' readout is fitted on ('' to skip it)")
     p.add_argument("--renders", type=int, default=8, help="pictures per concept prototype (default 8)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -151,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         items, pairs = read_jsonl(args.vqa), read_jsonl(args.pairs)
+        fit_items = read_jsonl(args.fit) if args.fit else []
         with stdout_to_stderr():  # stdout holds the JSON result alone
             model = FlamingoModel.from_pretrained(args.model).eval()
-        result = run_binding(model, items, pairs, args.renders, progress=not args.no_progress)
+        result = run_binding(model, items, pairs, args.renders, fit_items, progress=not args.no_progress)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
