@@ -706,12 +706,14 @@ def test_binding_reads_which_thing_is_where_from_the_tower_and_the_swap_from_the
         B.run_binding(model, items, [], progress=False)
     with pytest.raises(ValueError, match="not a square grid"):
         B.square_grid(torch.zeros(2, 7, 4))
-    files = ["--vqa", str(tmp_path / "vqa.jsonl"), "--pairs", str(tmp_path / "pairs.jsonl"), "--no-progress"]
+    files = ["--vqa", str(tmp_path / "vqa.jsonl"), "--pairs", str(tmp_path / "pairs.jsonl"), "--fit", str(tmp_path / "vqa.jsonl"),
+             "--no-progress"]
     assert B.main(["--model", str(tmp_path / "missing"), *files]) == 2
     monkeypatch.setattr(FlamingoModel, "from_pretrained", staticmethod(lambda *a, **k: tiny_model()))
     capsys.readouterr()
     assert B.main(["--model", "any", *files]) == 0
     assert json.loads(capsys.readouterr().out)["tower_readout"] == 1.0
+    assert B.main(["--model", "any", *files[:-2], str(tmp_path / "missing.jsonl"), "--no-progress"]) == 2  # no --fit file
 
 
 def test_token_readout_finds_a_side_kept_with_what_is_there_and_not_one_kept_apart():
