@@ -39,6 +39,7 @@ from .datasets import read_jsonl
 from .probe import softmax_probe
 from .scoring import MediaBank
 
+
 def position_scenes(items: list[dict]) -> list[dict]:
     """The position questions' scenes: {media, first, second, axis}, `first` being the concept on
     the left (axis x) or at the top (axis y), as the corpus records list them."""
