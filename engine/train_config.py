@@ -98,8 +98,9 @@ class ParamGroupConfig:
     """Own learning rates for the trainable parameters whose names match `match` (a regular
     expression searched in names like `gated_blocks.8.attn.to_q.weight`; see
     FlamingoModel.trainable_state_dict): `lr` for the weights, `gate_lr` for the tanh gates.
-    None: the run's rate. E.g. new gated blocks added to a trained model learn faster than the
-    trained ones they join."""
+    None: the run's rate; 0 holds them where they are (AdamW moves nothing at lr 0, weight decay
+    included). E.g. new gated blocks added to a trained model learn faster than the trained ones
+    they join."""
     match: str
     lr: float | None = None
     gate_lr: float | None = None
@@ -375,8 +376,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
             re.compile(g.match)
         except re.error as e:
             raise ValueError(f"{where}: optim.groups[{i}].match is not a regular expression: {e}") from e
-        if any(r is not None and r <= 0 for r in (g.lr, g.gate_lr)):
-            raise ValueError(f"{where}: optim.groups[{i}]: lr and gate_lr must be > 0 (or null)")
+        if any(r is not None and r < 0 for r in (g.lr, g.gate_lr)):
+            raise ValueError(f"{where}: optim.groups[{i}]: lr and gate_lr must be >= 0 (or null)")
     if not 0 <= o.decay_steps <= cfg.run.max_steps:
         raise ValueError(f"{where}: optim.decay_steps must be in [0, run.max_steps={cfg.run.max_steps}], got {o.decay_steps}")
     r = cfg.run

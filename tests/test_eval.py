@@ -571,6 +571,39 @@ def test_where_parses_two_sided_questions_and_ranks_by_likelihood(tmp_path, monk
     assert where.main(["--model", str(tmp_path / "missing"), "--places", str(tmp_path / "places.jsonl")]) == 2
 
 
+def test_where_ranks_every_position_question_between_its_two_choices(tmp_path, monkeypatch):
+    from engine.eval import where
+    from engine.eval.scoring import decode_text
+
+    labels = {"dog": "dog", "top_hat": "top hat"}
+    asked = [{"question": "Where is the dog?", "answers": ["left", "on the left"], "concepts": ["dog", "top_hat"]},
+             {"question": "Is the dog at the top or at the bottom?", "answers": ["top", "at the top"], "concepts": ["dog", "top_hat"]},
+             {"question": "What is on the right?", "answers": ["top hat"], "concepts": ["dog", "top_hat"]}]
+    assert [where.position_choices(it, labels) for it in asked] == [
+        ("where", ["left", "right"]), ("which", ["top", "bottom"]), ("what", ["dog", "top hat"])]
+    assert where.position_choices(dict(asked[2], concepts=["dog", "cat"]), labels) is None  # no label for cat
+    assert where.position_choices({"question": "How many dogs are there?", "answers": ["2"], "concepts": ["dog", "top_hat"]}, labels) is None
+    assert where.position_choices(dict(asked[0], qtype="count"), labels) is None
+
+    model = tiny_model().eval()
+    _image(tmp_path / "scene.png", "red", 0)
+    items = [dict(it, media=[str(tmp_path / "scene.png")]) for it in asked]
+
+    def prefers(words):  # scores the continuation that is one of `words` highest
+        def fake(model, ids, variants, conts):
+            return torch.tensor([[1.0 if decode_text(model, c).strip() in words else 0.0 for c in conts]])
+        return fake
+
+    monkeypatch.setattr(where, "score_continuations", prefers({"left", "top", "top hat"}))
+    got = where.position_accuracy(model, items, labels, MediaBank(model), progress=False)
+    assert got["accuracy"] == 1.0 and got["n"] == 3 and got["what"] == {"accuracy": 1.0, "n": 1}
+    monkeypatch.setattr(where, "score_continuations", prefers({"right", "bottom", "dog"}))
+    got = where.position_accuracy(model, items, labels, MediaBank(model), progress=False)
+    assert got["accuracy"] == 0.0 and got["where"]["accuracy"] == 0.0
+    monkeypatch.setattr(where, "score_continuations", prefers({"left", "bottom", "dog"}))
+    assert where.position_accuracy(model, items, labels, MediaBank(model), progress=False)["accuracy"] == 0.3333
+
+
 @pytest.mark.parametrize("command", ["probe", "order", "where"])
 def test_diagnostics_print_their_json_alone_on_stdout(tmp_path, monkeypatch, capfd, command):
     """What a library prints while the model loads (efficientnet_lite prints a line, at the file

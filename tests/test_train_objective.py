@@ -228,7 +228,7 @@ def test_unfrozen_lm_joins_the_optimiser_and_the_checkpoint(corpus, tmp_path):
     ({"data": {"datasets": [{"name": "a", "path": "x", "query_contrast": -1.0}]}}, "query_contrast and position_contrast must be >= 0"),
     ({"data": {"datasets": [{"name": "a", "path": "x", "position_contrast": -1.0}]}}, "position_contrast must be >= 0"),
     ({"optim": {"groups": [{"match": "gated_blocks.(8"}]}}, r"optim.groups\[0\].match is not a regular expression"),
-    ({"optim": {"groups": [{"match": "x", "gate_lr": 0}]}}, r"optim.groups\[0\]: lr and gate_lr must be > 0"),
+    ({"optim": {"groups": [{"match": "x", "gate_lr": -1e-3}]}}, r"optim.groups\[0\]: lr and gate_lr must be >= 0"),
     ({"optim": {"groups": [{"lr": 1e-3}]}}, r"missing key optim.groups\[0\].match"),
     ({"data": {"datasets": [{"name": "a", "path": "x", "format": "coco", "mask_new_words": True}]}}, "mask_new_words reads the corpus format"),
     ({"new_block_init": "nearest"}, "new_block_init: 'nearest' is not one of random, copy_nearest"),
@@ -494,6 +494,31 @@ def test_position_sides_name_where_each_of_a_scenes_two_concepts_is(tmp_path):
     got = [json.loads(l) for l in (tmp_path / "position_sides.train.jsonl").read_text().splitlines()]
     assert [(r["media"][0], r["concept_id"], r["side"]) for r in got] == [
         ("a.png", "dog", "left"), ("a.png", "cat", "right"), ("b.png", "top_hat", "top"), ("b.png", "cat", "bottom")]
+
+
+def test_position_variants_ask_every_position_question_of_each_scene(tmp_path):
+    import json
+
+    from engine.data import templates as T
+    from engine.data.prepare import write_position_variants
+
+    manifest = {"train_concepts": [{"id": "dog", "label": "dog"}, {"id": "top_hat", "label": "top hat"}],
+                "heldout_concepts": [{"id": "cat", "label": "cat"}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    rows = [{"media": ["a.png"], "question": "Where is the cat?", "answers": ["right", "on the right"], "concepts": ["dog", "cat"], "qtype": "position"},
+            {"media": ["b.png"], "question": "What is at the top?", "answers": ["top hat"], "concepts": ["top_hat", "cat"], "qtype": "position"}]
+    (tmp_path / "vqa.position.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert write_position_variants(tmp_path) == 12
+    got = [json.loads(l) for l in (tmp_path / "vqa.position_all.train.jsonl").read_text().splitlines()]
+    assert all(r["media"] == ["a.png"] for r in got[:6]) and all(r["media"] == ["b.png"] for r in got[6:])
+    a, b = ({r["question"]: r["answers"][0] for r in part} for part in (got[:6], got[6:]))
+    assert a["Where is the cat?"] == "right" and a["Where is the dog?"] == "left"
+    assert a["Is the cat on the left or on the right?"] == "right" and a["What is on the left?"] == "dog"
+    assert b["Where is the cat?"] == "bottom" and b["What is at the top?"] == "top hat"
+    assert b["Is the cat at the top or at the bottom?"] == "bottom" and b["What is at the bottom?"] == "cat"
+    assert got[0]["text"] == T.chunk(T.qa(got[0]["question"], got[0]["answers"][0]))
+    # every question the corpus itself asks of a scene is one of its variants, word for word
+    assert ("Where is the cat?", ["right", "on the right", "at the right"]) in T.position_qas(("dog", "cat"), "x")
 
 
 def test_motion_questions_ask_what_the_test_clips_ask(tmp_path):

@@ -6,6 +6,8 @@ writes `<kind>.subset.train.jsonl` (the first N records of each train file, so t
 cache holds only what training will read), `vqa.position.train.jsonl` (the position questions of
 the full VQA file, for configs/experiment_positions.yaml), `position_sides.train.jsonl` (their
 scenes as one record per concept and the side it is on, for configs/experiment_binding_probe.yaml),
+`vqa.position_all.train.jsonl` (their scenes asked every position question, for
+configs/experiment_position_warmup.yaml),
 `videos_qa.train.jsonl` (the
 direction questions about the training clips, for configs/experiment_motion_mix.yaml),
 `vqa_colour.train.jsonl` (the pairs' pictures asked their background colour, for
@@ -65,6 +67,32 @@ def write_position_sides(corpus: Path) -> int:
             for concept, side in zip(record["concepts"], T.SIDES[axis]):
                 out.append(json.dumps({"media": record["media"], "concept_id": concept, "side": side}) + "\n")
     (corpus / "position_sides.train.jsonl").write_text("".join(out))
+    return len(out)
+
+
+def concept_labels(corpus: Path) -> dict[str, str]:
+    """Concept id -> label, from the corpus's manifest.json."""
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    return {c["id"]: c["label"] for c in manifest["train_concepts"] + manifest["heldout_concepts"]}
+
+
+def write_position_variants(corpus: Path) -> int:
+    """vqa.position.train.jsonl's scenes asked every position question (templates.position_qas:
+    where each of the two things is, both ways, and what is on each side) ->
+    vqa.position_all.train.jsonl, six records per scene on the same picture; returns their number.
+    The corpus asks one question per scene, too few (2,019) for the gated blocks to learn to read
+    which thing is where (assets/model/README.md, item 28)."""
+    labels, out = concept_labels(corpus), []
+    with (corpus / "vqa.position.train.jsonl").open() as f:
+        for line in f:
+            record = json.loads(line)
+            axis = T.position_axis(record["question"], record["answers"])
+            if axis is None or len(record.get("concepts", [])) != 2:
+                continue
+            for question, answers in T.position_qas(tuple(labels[c] for c in record["concepts"]), axis):
+                text = T.chunk(T.qa(question, answers[0]))
+                out.append(json.dumps(dict(record, text=text, question=question, answers=answers)) + "\n")
+    (corpus / "vqa.position_all.train.jsonl").write_text("".join(out))
     return len(out)
 
 
@@ -146,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = write_subsets(args.corpus, {k: getattr(args, k) for k in FILES})
     counts["vqa_position"] = write_position_questions(args.corpus)
     counts["position_sides"] = write_position_sides(args.corpus)
+    counts["position_all"] = write_position_variants(args.corpus)
     counts["videos_qa"] = write_motion_questions(args.corpus)
     counts["vqa_colour"] = write_colour_questions(args.corpus)
     if (args.corpus / "naming.train.jsonl").is_file():

@@ -197,22 +197,17 @@ def vqa_scene(ctx: Context, rng: random.Random, pool: list[str], qtype: str,
         cuts = [cutout(ctx, rng, first)[0], cutout(ctx, rng, second)[0]]
         colour = R.pick_background(rng, cuts)
         img = R.render_scene(rng, [(cuts[0], pa), (cuts[1], pb)], colour)
-        sides = ("left", "right") if axis == "x" else ("top", "bottom")
+        sides = T.SIDES[axis]
         side_of = {first: sides[0], second: sides[1]}
         style = rng.random()
         if style < 0.45:
-            q = f"Where is the {ctx.labels[main]}?"
-            answers = [side_of[main], f"on the {side_of[main]}", f"at the {side_of[main]}"]
+            q, answers = T.where_qa(ctx.labels[main], side_of[main])
         elif style < 0.75:
-            word = "on the" if axis == "x" else "at the"
-            q = f"Is the {ctx.labels[main]} {word} {sides[0]} or {word} {sides[1]}?"
-            answers = [side_of[main], f"{word} {side_of[main]}"]
+            q, answers = T.which_side_qa(ctx.labels[main], side_of[main], axis)
         else:
             side = rng.choice(sides)
-            word = "on the" if axis == "x" else "at the"
-            q = f"What is {word} {side}?"
             who = first if side == sides[0] else second
-            answers = [ctx.labels[who]]
+            q, answers = T.what_is_at_qa(side, axis, ctx.labels[who])
         return dict(image=img, question=q, answers=answers, qtype="position",
                     concepts=[first, second])
     if qtype == "what":

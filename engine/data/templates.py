@@ -115,6 +115,35 @@ def position_axis(question: str, answers: list[str] = ()) -> str | None:
     return "y" if words & set(SIDES["y"]) else None
 
 
+def side_word(axis: str) -> str:
+    return "on the" if axis == "x" else "at the"
+
+
+def where_qa(label: str, side: str) -> tuple[str, list[str]]:
+    """"Where is the cat?" about a two-object scene, and its answers ("left", "on the left", ...)."""
+    return f"Where is the {label}?", [side, f"on the {side}", f"at the {side}"]
+
+
+def which_side_qa(label: str, side: str, axis: str) -> tuple[str, list[str]]:
+    """"Is the cat on the left or on the right?" and its answers."""
+    word, (first, second) = side_word(axis), SIDES[axis]
+    return f"Is the {label} {word} {first} or {word} {second}?", [side, f"{word} {side}"]
+
+
+def what_is_at_qa(side: str, axis: str, label: str) -> tuple[str, list[str]]:
+    """"What is on the left?" and its answer, the label of what is there."""
+    return f"What is {side_word(axis)} {side}?", [label]
+
+
+def position_qas(labels: tuple[str, str], axis: str) -> list[tuple[str, list[str]]]:
+    """Every position question about a scene of two things, `labels` (the left or top one first)
+    along `axis`: where each one is, asked both ways, and what is on each side (6 in all)."""
+    out = []
+    for label, side in zip(labels, SIDES[axis]):
+        out += [where_qa(label, side), which_side_qa(label, side, axis), what_is_at_qa(side, axis, label)]
+    return out
+
+
 def place_caption(label: str, column: int, row: int) -> str:
     return f"{cap(with_article(label))} {PLACES[column, row][1]}."
 

@@ -8,6 +8,9 @@ noise):
   top.", ...) ranked by log-likelihood. Chance 1/9.
 - two-choice: the scene questions "Is the X on the left or on the right?" (and top / bottom) of
   `vqa.test.jsonl`, the two sides ranked after "Question: q Answer:". Chance 1/2.
+- position: every position question of two-object scenes ranked between its two choices: the
+  axis's two sides for "Where is the X?" and "Is the X on the left or on the right?", the two
+  things' names (the corpus manifest's labels) for "What is on the left?". Chance 1/2; by form too.
 
 `python -m engine.eval.probe --field place` asks whether the visual tokens carry the place; this
 asks whether the gated blocks pass it to the words. Prints JSON.
@@ -18,12 +21,14 @@ import argparse
 import json
 import re
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..data import templates as T
 from ..data.names import with_article
+from ..data.prepare import concept_labels
 from .datasets import read_jsonl
 from .scoring import MediaBank, encode_text, score_continuations
 
@@ -54,19 +59,54 @@ def place_accuracy(model, items: list[dict], bank: MediaBank, progress: bool = T
     return right / len(items)
 
 
+def position_choices(item: dict, labels: dict[str, str]) -> tuple[str, list[str]] | None:
+    """A two-object scene's position question -> (its form, its two choices): "where" / "which"
+    (the sides of its axis) or "what" (the two things' labels, `labels` mapping concept ids);
+    None for other questions."""
+    concepts, question = item.get("concepts") or [], item.get("question") or ""
+    axis = T.position_axis(question, item.get("answers", []))
+    if item.get("qtype", "position") != "position" or axis is None or len(concepts) != 2:
+        return None
+    if question.startswith("What is"):
+        names = [labels.get(c) for c in concepts]
+        return None if None in names else ("what", names)
+    return ("which" if two_choices(question) else "where"), list(T.SIDES[axis])
+
+
 @torch.inference_mode()
+def choice_accuracy(model, items: list[tuple[dict, list[str]]], bank: MediaBank, progress: bool = True,
+                    desc: str = "choices") -> list[bool]:
+    """For each (question, its choices): is a right answer the likelier choice after "Question: q Answer:"?"""
+    right = []
+    for it, choices in tqdm(items, desc=desc, disable=not progress):
+        prompt = "<image>" + T.qa(it["question"], "").rstrip()
+        right.append(choices[_best(model, bank, prompt, it["media"][0], [f" {c}" for c in choices])] in it["answers"])
+    return right
+
+
 def two_choice_accuracy(model, items: list[dict], bank: MediaBank, progress: bool = True) -> float:
     """Share of two-sided position questions whose right side is the likelier answer."""
-    right = 0
-    for it in tqdm(items, desc="two-choice", disable=not progress):
-        sides = two_choices(it["question"])
-        prompt = "<image>" + T.qa(it["question"], "").rstrip()
-        right += sides[_best(model, bank, prompt, it["media"][0], [f" {s}" for s in sides])] in it["answers"]
-    return right / len(items)
+    right = choice_accuracy(model, [(it, list(two_choices(it["question"]))) for it in items], bank, progress, "two-choice")
+    return sum(right) / len(right)
 
 
-def run_where(model, places: list[dict], questions: list[dict], progress: bool = True) -> dict:
+def position_accuracy(model, items: list[dict], labels: dict[str, str], bank: MediaBank, progress: bool = True) -> dict:
+    """Every position question of two-object scenes between its two choices: overall and by form."""
+    asked = [(it, *position_choices(it, labels)) for it in items if position_choices(it, labels)]
+    right = choice_accuracy(model, [(it, choices) for it, _, choices in asked], bank, progress, "position")
+    out = {"accuracy": round(sum(right) / len(right), 4), "n": len(right), "chance": 0.5}
+    for form in ("where", "which", "what"):
+        mine = [r for r, (_, f, _) in zip(right, asked) if f == form]
+        if mine:
+            out[form] = {"accuracy": round(sum(mine) / len(mine), 4), "n": len(mine)}
+    return out
+
+
+def run_where(model, places: list[dict], questions: list[dict], progress: bool = True,
+              labels: dict[str, str] | None = None) -> dict:
+    """`labels` (concept id -> label) adds the ranking of every position question."""
     places = [it for it in places if it.get("place") in {n for n, _ in T.PLACES.values()}]
+    positions = [it for it in questions if labels is not None and position_choices(it, labels)]
     questions = [it for it in questions if it.get("question") and two_choices(it["question"])]
     if not places and not questions:
         raise ValueError("no place-labelled pictures and no two-sided position questions in the data")
@@ -77,6 +117,8 @@ def run_where(model, places: list[dict], questions: list[dict], progress: bool =
     if questions:
         out["two_choice"] = {"accuracy": round(two_choice_accuracy(model, questions, bank, progress), 4),
                              "n": len(questions), "chance": 0.5}
+    if positions:
+        out["position"] = position_accuracy(model, positions, labels, bank, progress)
     return out
 
 
@@ -95,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         places = read_jsonl(args.places)[: args.limit] if args.places else []
         questions = read_jsonl(args.vqa) if args.vqa else []
+        manifest = Path(args.vqa).parent / "manifest.json" if args.vqa else None
+        labels = concept_labels(manifest.parent) if manifest and manifest.is_file() else None
         with stdout_to_stderr():  # stdout holds the JSON result alone
             model = FlamingoModel.from_pretrained(args.model).eval()
-        result = run_where(model, places, questions, progress=not args.no_progress)
+        result = run_where(model, places, questions, progress=not args.no_progress, labels=labels)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
