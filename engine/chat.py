@@ -127,7 +127,7 @@ class ChatEngine:
         self.banned_ids = (model.media_token_id,)
         self._sessions: OrderedDict[str, _SessionCache] = OrderedDict()
         self._lock = threading.Lock()
-        self._no_media = torch.zeros(1, 1, cfg.resampler.num_latents, model.resampler.dim, device=self.placement.device, dtype=model.resampler.latents.dtype)
+        self._no_media = torch.zeros(1, 1, cfg.resampler.num_tokens, model.resampler.dim, device=self.placement.device, dtype=model.resampler.latents.dtype)
 
     @classmethod
     def load(cls, model: str = "default", device: str = "auto", *, max_memory: dict | None = None, **kwargs) -> "ChatEngine":

@@ -45,6 +45,18 @@ class ResamplerConfig:
     # 13%) while the tower's mean features do (50%; `python -m engine.eval.probe`). Zero at
     # initialisation, like spatial_positions.
     global_features: bool = False
+    # g > 0 adds g x g region tokens after the latents: the frame features (projected, with their
+    # time and spatial embeddings) averaged over frames and pooled to a g x g grid, plus learned
+    # region embeddings (zero at the start), through the output norm. The latents summarise what
+    # is there; a region token keeps what is where, for the LM to read without a latent having to
+    # bind the two (item 28 of assets/model/README.md). Turning it on for a trained model changes
+    # its output (the blocks' attention is shared with the new tokens) until it is trained.
+    grid_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens per media item: the latents, then the region tokens."""
+        return self.num_latents + self.grid_tokens ** 2
 
 
 @dataclass

@@ -12,9 +12,13 @@ Each media item (an image, T = 1, or a video's T frames) is resampled on its own
 `spatial_positions` set, learned spatial embeddings are added beside the time embeddings
 (x_f = x_f + time_embeddings + spatial_embeddings), for towers whose features carry no position.
 With `global_features`, a projection of the item's mean feature is added to every output token,
-so what the latents do not attend to (a picture's background) can still reach the LM.
+so what the latents do not attend to (a picture's background) can still reach the LM. With
+`grid_tokens` g, g x g region tokens (the item's frame features pooled to a g x g grid, plus learned
+region embeddings) follow the latents, so where things are reaches the LM beside what they are.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +91,8 @@ class PerceiverResampler(nn.Module):
             self.global_proj = nn.Linear(dim, dim)
             nn.init.zeros_(self.global_proj.weight)
             nn.init.zeros_(self.global_proj.bias)
+        if config.grid_tokens:
+            self.region_embeddings = nn.Parameter(torch.zeros(config.grid_tokens ** 2, dim))
         self.layers = nn.ModuleList(
             ResamplerLayer(dim, config.heads, config.dim_head, config.ff_mult) for _ in range(config.depth)
         )
@@ -106,7 +112,20 @@ class PerceiverResampler(nn.Module):
         """Whether the standardisation statistics were set (not the zero/one placeholders)."""
         return self.config.standardize_features and bool((self.feature_mean != 0).any() or (self.feature_std != 1).any())
 
+    def region_tokens(self, x_f: torch.Tensor) -> torch.Tensor:
+        """(B, M, T, S, dim) projected frame features, S a square -> (B, M, g*g, dim) region tokens:
+        the mean over frames, average-pooled to a g x g grid (rows from the top), plus the region
+        embeddings."""
+        b, m, _, s, dim = x_f.shape
+        side, g = math.isqrt(s), self.config.grid_tokens
+        if side * side != s:
+            raise ValueError(f"grid_tokens needs a square grid of spatial tokens per frame, the vision tower gave {s}")
+        grid = x_f.mean(dim=2).reshape(b * m, side, side, dim).permute(0, 3, 1, 2)  # (B*M, dim, side, side)
+        pooled = F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)  # (B*M, g*g, dim)
+        return pooled.reshape(b, m, g * g, dim) + self.region_embeddings
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, M, T, S, d_vision) -> (B, M, R, dim), R = num_latents (+ grid_tokens ** 2)."""
         if features.dim() != 5:
             raise ValueError(f"resampler expects features (B, M, T, S, d), got shape {tuple(features.shape)}")
         b, m, t, s, _ = features.shape
@@ -120,6 +139,7 @@ class PerceiverResampler(nn.Module):
         x_f = self.proj(features) + self.time_embeddings[:t]  # (B, M, T, S, dim)
         if self.config.spatial_positions:
             x_f = x_f + self.spatial_embeddings  # (S, dim) broadcast over B, M, T
+        regions = self.region_tokens(x_f) if self.config.grid_tokens else None
         x_f = x_f.reshape(b, m, t * s, self.dim)
         latents = self.latents.expand(b, m, -1, -1)
         for layer in self.layers:
@@ -127,4 +147,6 @@ class PerceiverResampler(nn.Module):
         out = self.norm(latents)  # (B, M, R, dim)
         if self.config.global_features:
             out = out + self.global_proj(x_f.mean(dim=-2)).unsqueeze(-2)  # (B, M, 1, dim) to every token
+        if regions is not None:
+            out = torch.cat([out, self.norm(regions)], dim=-2)  # (B, M, R + g*g, dim)
         return out

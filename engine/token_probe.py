@@ -210,7 +210,7 @@ class TokenProbeTrainer(StageLoop):
         self.teacher = copy.deepcopy(resampler).requires_grad_(False).eval().to(acc.device)
         self.labelled_feeds, self.anchor_feeds, self.labels, self.queries, prototypes = self._build_feeds()
         self.feeds = self.labelled_feeds + self.anchor_feeds
-        num_tokens = self.model.config.resampler.num_latents
+        num_tokens = self.model.config.resampler.num_tokens
         readout = (LinearReadout(num_tokens, resampler.dim, len(self.labels)) if prototypes is None
                    else MatchReadout(resampler.dim, len(self.labels)))
         probe = TokenProbe(resampler, readout, prototypes)

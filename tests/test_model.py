@@ -366,6 +366,37 @@ def test_global_features_start_at_zero_and_receive_gradient(tmp_path):
         assert torch.allclose(g.encode_media(pixels), before + 0.5, atol=1e-6)  # the same vector on every token
 
 
+def test_grid_tokens_follow_the_latents_and_keep_where_things_are(tmp_path):
+    """resampler.grid_tokens g appends g x g region tokens (pooled frame features): the latents
+    are unchanged, a trained model takes them on, and a picture's mirror image gives the same
+    region tokens in mirrored order; the whole model runs with the longer token list."""
+    from engine.resampler import PerceiverResampler
+
+    model = _saved_tiny_model(tmp_path)
+    g = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"resampler": {"grid_tokens": 2}})
+    assert g.config.resampler.num_tokens == model.config.resampler.num_latents + 4
+    ids, pixels = _inputs(model)
+    with torch.no_grad():
+        visual, before = g.encode_media(pixels), model.encode_media(pixels)
+        r = before.shape[-2]
+        assert visual.shape[-2] == r + 4 and torch.equal(visual[..., :r, :], before)
+        assert torch.isfinite(g(ids, visual).logits).all()
+    g.encode_media(pixels)[..., r:, :].pow(2).sum().backward()
+    assert g.resampler.region_embeddings.grad.abs().sum() > 0
+
+    cfg = ResamplerConfig(depth=1, heads=2, dim_head=8, num_latents=3, grid_tokens=2, spatial_positions=16)
+    resampler = PerceiverResampler(cfg, vision_dim=6).eval()
+    feats = torch.randn(1, 1, 1, 16, 6)  # a 4 x 4 grid
+    mirrored = feats.reshape(1, 1, 1, 4, 4, 6).flip(4).reshape(1, 1, 1, 16, 6)
+    with torch.no_grad():
+        a, b = resampler(feats)[0, 0, 3:], resampler(mirrored)[0, 0, 3:]  # regions: TL, TR, BL, BR
+        assert torch.allclose(a[[1, 0, 3, 2]], b, atol=1e-5) and not torch.allclose(a, b, atol=1e-3)
+        top_left = resampler.proj(feats[0, 0, 0].reshape(4, 4, 6)[:2, :2].mean((0, 1))) + resampler.time_embeddings[0, 0]
+        assert torch.allclose(a[0], resampler.norm(top_left), atol=1e-5)  # the spatial embeddings start at 0
+    with pytest.raises(ValueError, match="square grid"):
+        PerceiverResampler(dataclasses.replace(cfg, spatial_positions=0), vision_dim=6)(torch.randn(1, 1, 1, 15, 6))
+
+
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_hf_vision_tower_patch_tokens(tmp_path, family):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel

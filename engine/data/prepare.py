@@ -52,20 +52,23 @@ def write_position_questions(corpus: Path) -> int:
     return len(lines)
 
 
+def position_scenes(corpus: Path):
+    """vqa.position.train.jsonl's two-object scenes: (record, axis) for each, axis "x" or "y"."""
+    with (corpus / "vqa.position.train.jsonl").open() as f:
+        for line in f:
+            record = json.loads(line)
+            axis = T.position_axis(record["question"], record["answers"])
+            if axis is not None and len(record.get("concepts", [])) == 2:
+                yield record, axis
+
+
 def write_position_sides(corpus: Path) -> int:
     """vqa.position.train.jsonl's scenes -> position_sides.train.jsonl: one record per scene and
     concept, {"media", "concept_id", "side"}, the side being where that concept is ("left",
     "right", "top", "bottom"; the records list the left or top concept first); returns their
     number. A token probe asked about one thing reads these (token_probe.query_field)."""
-    out = []
-    with (corpus / "vqa.position.train.jsonl").open() as f:
-        for line in f:
-            record = json.loads(line)
-            axis = T.position_axis(record["question"], record["answers"])
-            if axis is None or len(record.get("concepts", [])) != 2:
-                continue
-            for concept, side in zip(record["concepts"], T.SIDES[axis]):
-                out.append(json.dumps({"media": record["media"], "concept_id": concept, "side": side}) + "\n")
+    out = [json.dumps({"media": record["media"], "concept_id": concept, "side": side}) + "\n"
+           for record, axis in position_scenes(corpus) for concept, side in zip(record["concepts"], T.SIDES[axis])]
     (corpus / "position_sides.train.jsonl").write_text("".join(out))
     return len(out)
 
@@ -79,19 +82,13 @@ def concept_labels(corpus: Path) -> dict[str, str]:
 def write_position_variants(corpus: Path) -> int:
     """vqa.position.train.jsonl's scenes asked every position question (templates.position_qas:
     where each of the two things is, both ways, and what is on each side) ->
-    vqa.position_all.train.jsonl, six records per scene on the same picture; returns their number.
-    The corpus asks one question per scene, too few (2,019) for the gated blocks to learn to read
-    which thing is where (assets/model/README.md, item 28)."""
+    vqa.position_all.train.jsonl, six records per scene on the same picture (the corpus asks
+    one); returns their number."""
     labels, out = concept_labels(corpus), []
-    with (corpus / "vqa.position.train.jsonl").open() as f:
-        for line in f:
-            record = json.loads(line)
-            axis = T.position_axis(record["question"], record["answers"])
-            if axis is None or len(record.get("concepts", [])) != 2:
-                continue
-            for question, answers in T.position_qas(tuple(labels[c] for c in record["concepts"]), axis):
-                text = T.chunk(T.qa(question, answers[0]))
-                out.append(json.dumps(dict(record, text=text, question=question, answers=answers)) + "\n")
+    for record, axis in position_scenes(corpus):
+        for question, answers in T.position_qas(tuple(labels[c] for c in record["concepts"]), axis):
+            text = T.chunk(T.qa(question, answers[0]))
+            out.append(json.dumps(dict(record, text=text, question=question, answers=answers)) + "\n")
     (corpus / "vqa.position_all.train.jsonl").write_text("".join(out))
     return len(out)
 
