@@ -52,11 +52,17 @@ class ResamplerConfig:
     # bind the two (item 28 of assets/model/README.md). Turning it on for a trained model changes
     # its output (the blocks' attention is shared with the new tokens) until it is trained.
     grid_tokens: int = 0
+    # g > 0 adds g x g region latents after the latents (and any grid tokens): each attends, through
+    # the resampler's own layers and weights, to its own region of the frame grid only (over all
+    # frames), so it summarises what is there as the latents summarise the whole picture, in the
+    # form the gated blocks already read; learned region embeddings, added after the output norm,
+    # tell the regions apart. Both start at zero; the latents' own output is unchanged.
+    region_latents: int = 0
 
     @property
     def num_tokens(self) -> int:
-        """Visual tokens per media item: the latents, then the region tokens."""
-        return self.num_latents + self.grid_tokens ** 2
+        """Visual tokens per media item: the latents, then the grid tokens, then the region latents."""
+        return self.num_latents + self.grid_tokens ** 2 + self.region_latents ** 2
 
 
 @dataclass

@@ -72,7 +72,7 @@ class DatasetFeed:
         self.stream = RecordStream(self.source, seed=seed, shuffle=spec.shuffle, rank=rank, world=world)
         self.sampler = SequenceSampler(tokenizer, media_token_id, spec.kind, spec.max_tokens, spec.max_images,
                                        seed=seed * 1000 + 17 * rank + 1, add_bos=add_bos,
-                                       mask_new_words=spec.mask_new_words)
+                                       mask_new_words=spec.mask_new_words, answers_only=spec.answers_only)
         self.media_token_id, self.pad_id = media_token_id, pad_id
         self.cache, self.image_size, self.num_frames = cache, image_size, num_frames
         self.media_kind = spec.media_kind

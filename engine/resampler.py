@@ -15,6 +15,7 @@ With `global_features`, a projection of the item's mean feature is added to ever
 so what the latents do not attend to (a picture's background) can still reach the LM. With
 `grid_tokens` g, g x g region tokens (the item's frame features pooled to a g x g grid, plus learned
 region embeddings) follow the latents, so where things are reaches the LM beside what they are.
+With `region_latents` g, g x g more latents follow, each attending only to its region of the grid.
 """
 from __future__ import annotations
 
@@ -41,17 +42,18 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, media: torch.Tensor, latents: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """
         media:   (B, M, T*S, d) flattened frame features
         latents: (B, M, R, d)
+        mask:    optional (R, T*S + R) bool, True where a latent may attend
         returns  (B, M, R, d) the attention update for the latents
         """
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
         q = split_heads(self.to_q(latents), self.heads)
         k, v = self.to_kv(torch.cat([media, latents], dim=-2)).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(q, split_heads(k, self.heads), split_heads(v, self.heads))
+        out = F.scaled_dot_product_attention(q, split_heads(k, self.heads), split_heads(v, self.heads), attn_mask=mask)
         return self.to_out(merge_heads(out))
 
 
@@ -61,8 +63,8 @@ class ResamplerLayer(nn.Module):
         self.attn = PerceiverAttention(dim, heads, dim_head)
         self.ff = FeedForward(dim, ff_mult)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents + self.attn(media, latents)
+    def forward(self, media: torch.Tensor, latents: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        latents = latents + self.attn(media, latents, mask)
         return latents + self.ff(latents)
 
 
@@ -93,6 +95,9 @@ class PerceiverResampler(nn.Module):
             nn.init.zeros_(self.global_proj.bias)
         if config.grid_tokens:
             self.region_embeddings = nn.Parameter(torch.zeros(config.grid_tokens ** 2, dim))
+        if config.region_latents:
+            self.region_queries = nn.Parameter(torch.zeros(config.region_latents ** 2, dim))
+            self.region_latent_embeddings = nn.Parameter(torch.zeros(config.region_latents ** 2, dim))
         self.layers = nn.ModuleList(
             ResamplerLayer(dim, config.heads, config.dim_head, config.ff_mult) for _ in range(config.depth)
         )
@@ -124,8 +129,29 @@ class PerceiverResampler(nn.Module):
         pooled = F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)  # (B*M, g*g, dim)
         return pooled.reshape(b, m, g * g, dim) + self.region_embeddings
 
+    def region_mask(self, t: int, s: int, device) -> torch.Tensor:
+        """(g*g, T*S + g*g) bool: region latent i may attend to the cells of region i of every
+        frame (rows from the top; region (r, c) holds cells with row * g // side == r and
+        col * g // side == c) and to itself."""
+        side, g = math.isqrt(s), self.config.region_latents
+        if side * side != s:
+            raise ValueError(f"region_latents needs a square grid of spatial tokens per frame, the vision tower gave {s}")
+        cell = torch.arange(s, device=device)
+        region = (cell // side * g // side) * g + (cell % side * g // side)  # (S,) region of each cell
+        own = region.repeat(t)[None, :] == torch.arange(g * g, device=device)[:, None]  # (g*g, T*S)
+        return torch.cat([own, torch.eye(g * g, dtype=torch.bool, device=device)], dim=1)
+
+    def region_latent_tokens(self, x_f: torch.Tensor, t: int, s: int) -> torch.Tensor:
+        """(B, M, T*S, dim) flattened frame features -> (B, M, g*g, dim) region latents."""
+        b, m = x_f.shape[:2]
+        mask = self.region_mask(t, s, x_f.device)
+        latents = self.region_queries.expand(b, m, -1, -1)
+        for layer in self.layers:
+            latents = layer(x_f, latents, mask)
+        return self.norm(latents) + self.region_latent_embeddings
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, M, T, S, d_vision) -> (B, M, R, dim), R = num_latents (+ grid_tokens ** 2)."""
+        """(B, M, T, S, d_vision) -> (B, M, R, dim), R = num_latents (+ grid_tokens ** 2) (+ region_latents ** 2)."""
         if features.dim() != 5:
             raise ValueError(f"resampler expects features (B, M, T, S, d), got shape {tuple(features.shape)}")
         b, m, t, s, _ = features.shape
@@ -149,4 +175,6 @@ class PerceiverResampler(nn.Module):
             out = out + self.global_proj(x_f.mean(dim=-2)).unsqueeze(-2)  # (B, M, 1, dim) to every token
         if regions is not None:
             out = torch.cat([out, self.norm(regions)], dim=-2)  # (B, M, R + g*g, dim)
+        if self.config.region_latents:
+            out = torch.cat([out, self.region_latent_tokens(x_f, t, s)], dim=-2)
         return out

@@ -39,7 +39,8 @@ from .train_config import TrainConfig, dataset_path
 log = logging.getLogger(__name__)
 
 NO_DECAY_NAMES = ("latents", "time_embeddings", "spatial_embeddings", "new_token_embeddings", "new_token_output", "embed", "wte", "wpe", "norm", "ln_")
-POSITION_EMBEDDING_NAMES = ("resampler.time_embeddings", "resampler.spatial_embeddings", "resampler.region_embeddings")
+POSITION_EMBEDDING_NAMES = ("resampler.time_embeddings", "resampler.spatial_embeddings", "resampler.region_embeddings",
+                            "resampler.region_latent_embeddings")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, gate_lr: float | None = None,

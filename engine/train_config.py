@@ -65,6 +65,8 @@ class DatasetConfig:
     # Leave each made-up word's first mention out of the loss (corpus records' "new_words", or
     # their "names" flagged "nonce"; engine/data/sampling.py): nothing can predict it.
     mask_new_words: bool = False
+    # Labels on the answers only ("Answer: a<EOC>"; engine/data/sampling.py), not the questions.
+    answers_only: bool = False
     shuffle: bool = True
     image_dir: str | None = None  # coco / mmc4 / parquet: where the images are
     image_column: str | None = None  # parquet

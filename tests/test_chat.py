@@ -110,7 +110,7 @@ def test_cached_and_uncached_give_identical_tokens(model, media):
 
 
 def test_region_tokens_serve_cached_and_uncached_alike(media):
-    """A model with resampler.grid_tokens (latents + region tokens per media item) chats over
+    """A model with resampler.grid_tokens and region_latents (latents + region tokens per media item) chats over
     pictures, a clip and a text-only turn, and its cached replies equal the uncached ones."""
     import dataclasses
 
@@ -118,16 +118,17 @@ def test_region_tokens_serve_cached_and_uncached_alike(media):
     from engine.testing import TinyVisionTower, set_gates, tiny_config, tiny_lm, tiny_tokenizer
 
     config = tiny_config()
-    config = dataclasses.replace(config, resampler=dataclasses.replace(config.resampler, grid_tokens=2))
+    config = dataclasses.replace(config, resampler=dataclasses.replace(config.resampler, grid_tokens=2, region_latents=2))
     torch.manual_seed(0)
     model = FlamingoModel(config, tiny_lm(), tiny_tokenizer(), TinyVisionTower(32))
     set_gates(model, 1.0)
     with torch.no_grad():
         model.resampler.region_embeddings.normal_()
+        model.resampler.region_latent_embeddings.normal_()
     a = chat(ChatEngine(model), five_turns(media))
     b = chat(ChatEngine(model, cache_size=0, prefix_cache=False), five_turns(media))
     assert [x.tokens for x in a] == [y.tokens for y in b] and all(x.tokens for x in a)
-    assert ChatEngine(model)._no_media.shape[-2] == config.resampler.num_latents + 4
+    assert ChatEngine(model)._no_media.shape[-2] == config.resampler.num_latents + 8
 
 
 def test_pictures_matter(model, media):

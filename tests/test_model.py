@@ -397,6 +397,38 @@ def test_grid_tokens_follow_the_latents_and_keep_where_things_are(tmp_path):
         PerceiverResampler(dataclasses.replace(cfg, spatial_positions=0), vision_dim=6)(torch.randn(1, 1, 1, 15, 6))
 
 
+def test_region_latents_attend_to_their_own_region_only(tmp_path):
+    """resampler.region_latents g appends g x g latents, each summarising its own region of the
+    grid through the resampler's layers: the latents are unchanged, a trained model takes them
+    on, and changing one region's cells changes that region's latent alone."""
+    model = _saved_tiny_model(tmp_path)
+    g = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"resampler": {"region_latents": 2}})
+    assert g.config.resampler.num_tokens == model.config.resampler.num_latents + 4
+    ids, pixels = _inputs(model)
+    with torch.no_grad():
+        visual, before = g.encode_media(pixels), model.encode_media(pixels)
+        r = before.shape[-2]
+        assert visual.shape[-2] == r + 4 and torch.equal(visual[..., :r, :], before)
+        assert torch.isfinite(g(ids, visual).logits).all()
+    g.encode_media(pixels)[..., r:, :].pow(2).sum().backward()
+    assert g.resampler.region_latent_embeddings.grad.abs().sum() > 0 and g.resampler.region_queries.grad.abs().sum() > 0
+
+    cfg = ResamplerConfig(depth=2, heads=2, dim_head=8, num_latents=3, region_latents=2)
+    resampler = PerceiverResampler(cfg, vision_dim=8).eval()
+    mask = resampler.region_mask(t=2, s=9, device="cpu")  # a 3 x 3 grid, 2 frames: rows / cols 0-1 | 2
+    assert mask.shape == (4, 2 * 9 + 4) and mask[:, :9].sum(1).tolist() == [4, 2, 2, 1]
+    assert torch.equal(mask[:, :9], mask[:, 9:18]) and torch.equal(mask[:, 18:], torch.eye(4, dtype=torch.bool))
+    feats = torch.randn(1, 1, 2, 9, 8)
+    changed = feats.clone()
+    changed[..., 8, :] = torch.randn(8) * 3  # the bottom right cell, in both frames
+    with torch.no_grad():
+        a, b = resampler(feats)[0, 0], resampler(changed)[0, 0]
+    moved = (a - b).norm(dim=-1) > 1e-4
+    assert moved.tolist() == [True] * 3 + [False, False, False, True]  # the latents see it; regions 0-2 do not
+    with pytest.raises(ValueError, match="square grid"):
+        resampler(torch.randn(1, 1, 1, 8, 8))
+
+
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_hf_vision_tower_patch_tokens(tmp_path, family):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel

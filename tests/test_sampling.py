@@ -158,6 +158,24 @@ def test_sampler_leaves_new_words_first_mentions_out_of_the_labels():
     assert other.no_loss is None
 
 
+def test_answers_only_labels_each_answer_and_its_end_of_chunk():
+    tok = tiny_tokenizer()
+    media_id, eoc_id = add_flamingo_tokens(tok)
+    text = "<image>Question: Where is the dog? Answer: on the left<EOC><image>A cat.<EOC><image>Question: What is it? Answer: a cat<EOC>"
+    rec = Record(["a.png", "b.png", "c.png"], text, "interleaved")
+    sample = SequenceSampler(tok, media_id, "interleaved", max_tokens=256, seed=0, answers_only=True)(rec)
+    labels = make_labels(sample.input_ids, media_id, sample.no_loss)
+    kept = [t for t in labels if t != IGNORE]
+    assert tok.decode(kept).replace(" ", "") == "ontheleft<EOC>acat<EOC>"  # not the questions, not the caption
+    assert kept.count(eoc_id) == 2
+    plain = SequenceSampler(tok, media_id, "interleaved", max_tokens=256, seed=0)(rec)
+    assert plain.input_ids == sample.input_ids and plain.no_loss is None
+    # with new words masked too, both masks apply
+    both = SequenceSampler(tok, media_id, "pairs", max_tokens=64, answers_only=True, mask_new_words=True)(
+        Record(["a.png"], "<image>Question: What is it? Answer: a zax<EOC>", "pairs", new_words=("zax",)))
+    assert tok.decode([t for t in make_labels(both.input_ids, media_id, both.no_loss) if t != IGNORE]).replace(" ", "") == "a<EOC>"
+
+
 def test_corpus_records_carry_their_made_up_words(tmp_path):
     import json
 

@@ -14,7 +14,10 @@ the first ``<image>``; the model shifts them (position i predicts label i+1). Wi
 word a record introduces (``Record.new_words``): no model can predict a name it has never seen,
 and in the naming episodes those tokens carried over half of the loss (2.9 nats a token against
 1.4 for a name shown before, measured on the built-in model), noise that drowned the signal of
-the names that can be read from the context.
+the names that can be read from the context. With ``answers_only``, labels fall only on the
+answers ("Question: q Answer: a<EOC>": the tokens of " a<EOC>"), as VQA fine-tuning usually does:
+a question names the things in the picture, and predicting those names outweighs a one-word
+answer about them twenty to one.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..tokens import bos_prefix
-from .readers import Record
+from .readers import EOC_TOKEN, MEDIA_TOKEN, Record
 
 IGNORE = -100
 
@@ -35,7 +38,7 @@ IGNORE = -100
 class Sample:
     input_ids: list[int]
     media: list[Path]
-    no_loss: list[bool] | None = None  # per token: left out of the labels (new words' first mentions)
+    no_loss: list[bool] | None = None  # per token: left out of the labels (new words' first mentions, non-answers)
 
 
 @dataclass
@@ -55,16 +58,17 @@ class SequenceSampler:
     checkpoints) so a resumed run draws the same windows."""
 
     def __init__(self, tokenizer, media_token_id: int, kind: str, max_tokens: int = 256, max_images: int = 5,
-                 seed: int = 0, add_bos: bool | None = None, mask_new_words: bool = False):
+                 seed: int = 0, add_bos: bool | None = None, mask_new_words: bool = False,
+                 answers_only: bool = False):
         if max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
         if max_images < 1:
             raise ValueError(f"max_images must be >= 1, got {max_images}")
-        if mask_new_words and not getattr(tokenizer, "is_fast", False):
-            raise ValueError("mask_new_words needs a fast tokenizer (character offsets of each token)")
+        if (mask_new_words or answers_only) and not getattr(tokenizer, "is_fast", False):
+            raise ValueError("mask_new_words and answers_only need a fast tokenizer (character offsets of each token)")
         self.tokenizer, self.media_token_id, self.kind = tokenizer, media_token_id, kind
         self.max_tokens, self.max_images = max_tokens, max_images
-        self.mask_new_words = mask_new_words
+        self.mask_new_words, self.answers_only = mask_new_words, answers_only
         if add_bos is None:  # auto: as the tokenizer itself does on a plain encode
             self.bos = bos_prefix(tokenizer)
         else:
@@ -76,7 +80,7 @@ class SequenceSampler:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, record: Record) -> Sample:
-        masking = self.mask_new_words and bool(record.new_words)
+        masking = (self.mask_new_words and bool(record.new_words)) or self.answers_only
         enc = self.tokenizer(record.text, add_special_tokens=False, return_offsets_mapping=masking)
         ids = enc["input_ids"]
         n_markers = sum(1 for t in ids if t == self.media_token_id)
@@ -90,7 +94,12 @@ class SequenceSampler:
         first = sum(1 for t in ids[:window.start] if t == self.media_token_id)  # media before the window
         n_media = sum(1 for p in kept if ids[p] == self.media_token_id)
         media = list(record.media[first:first + n_media])
-        no_loss = first_mentions([enc["offset_mapping"][p] for p in kept], record.text, record.new_words) if masking else None
+        no_loss = None
+        if masking:
+            offsets = [enc["offset_mapping"][p] for p in kept]
+            no_loss = first_mentions(offsets, record.text, record.new_words if self.mask_new_words else ())
+            if self.answers_only:
+                no_loss = [a or b for a, b in zip(no_loss, outside_answers(offsets, record.text))]
         out = [ids[p] for p in kept]
         bos = self.bos if out[:1] != self.bos else []  # a record may already start with it
         if no_loss is not None:
@@ -161,6 +170,16 @@ def first_mentions(offsets: list[tuple[int, int]], text: str, words: tuple[str, 
                     hit[i] = True
                 break
     return hit
+
+
+ANSWER = re.compile(rf"Answer:(.*?)({re.escape(EOC_TOKEN)}|{re.escape(MEDIA_TOKEN)}|$)", re.DOTALL)
+
+
+def outside_answers(offsets: list[tuple[int, int]], text: str) -> list[bool]:
+    """Per token (its character span in `text`): True unless it is part of an answer, the text
+    after an "Answer:" up to and including the chunk's <EOC> (not a following <image>)."""
+    spans = [(m.start(1), m.end(2) if m.group(2) == EOC_TOKEN else m.end(1)) for m in ANSWER.finditer(text)]
+    return [not any(a < end and b > start for start, end in spans) for a, b in offsets]
 
 
 def make_labels(input_ids: list[int], media_token_id: int, no_loss: list[bool] | None = None) -> list[int]:
