@@ -521,6 +521,35 @@ def test_position_variants_ask_every_position_question_of_each_scene(tmp_path):
     assert ("Where is the cat?", ["right", "on the right", "at the right"]) in T.position_qas(("dog", "cat"), "x")
 
 
+def test_position_mirrors_flip_the_picture_and_the_answers(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from engine.data.prepare import write_position_mirrors
+
+    manifest = {"train_concepts": [{"id": "dog", "label": "dog"}, {"id": "cat", "label": "cat"}], "heldout_concepts": []}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "media").mkdir()
+    for name, size, box in (("x.png", (4, 2), (0, 0, 2, 2)), ("y.png", (2, 4), (0, 0, 2, 2))):
+        im = Image.new("RGB", size, "blue")
+        im.paste((255, 0, 0), box)  # red on the left / at the top
+        im.save(tmp_path / "media" / name)
+    rows = [{"media": ["media/x.png"], "question": "Where is the dog?", "answers": ["left"], "concepts": ["dog", "cat"], "qtype": "position"},
+            {"media": ["media/y.png"], "question": "What is at the top?", "answers": ["cat"], "concepts": ["cat", "dog"], "qtype": "position"}]
+    (tmp_path / "vqa.position.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert write_position_mirrors(tmp_path) == 24
+    got = [json.loads(l) for l in (tmp_path / "vqa.position_mirror.train.jsonl").read_text().splitlines()]
+    assert [r["media"][0] for r in got[::6]] == ["media/x.png", "media/vqa_mirror/x.png", "media/y.png", "media/vqa_mirror/y.png"]
+    assert Image.open(tmp_path / "media/vqa_mirror/x.png").getpixel((3, 0)) == (255, 0, 0)  # red now on the right
+    assert Image.open(tmp_path / "media/vqa_mirror/y.png").getpixel((0, 3)) == (255, 0, 0)  # and at the bottom
+    scene, mirror = ({r["question"]: r["answers"][0] for r in got[i:i + 6]} for i in (0, 6))
+    assert scene.keys() == mirror.keys()  # the same questions ...
+    assert (scene["Where is the dog?"], mirror["Where is the dog?"]) == ("left", "right")  # ... the answers flipped
+    assert (scene["What is on the left?"], mirror["What is on the left?"]) == ("dog", "cat")
+    assert got[6]["concepts"] == ["cat", "dog"]  # the left or top one first, as in every scene record
+
+
 def test_motion_questions_ask_what_the_test_clips_ask(tmp_path):
     import json
 

@@ -7,7 +7,9 @@ cache holds only what training will read), `vqa.position.train.jsonl` (the posit
 the full VQA file, for configs/experiment_positions.yaml), `position_sides.train.jsonl` (their
 scenes as one record per concept and the side it is on, for configs/experiment_binding_probe.yaml),
 `vqa.position_all.train.jsonl` (their scenes asked every position question, for
-configs/experiment_position_warmup.yaml),
+configs/experiment_position_warmup.yaml), `vqa.position_mirror.train.jsonl` (the same with each
+scene's mirror image, `media/vqa_mirror/`, and the answers flipped, for
+configs/experiment_position_mirror.yaml),
 `videos_qa.train.jsonl` (the
 direction questions about the training clips, for configs/experiment_motion_mix.yaml),
 `vqa_colour.train.jsonl` (the pairs' pictures asked their background colour, for
@@ -93,6 +95,28 @@ def write_position_variants(corpus: Path) -> int:
     return len(out)
 
 
+def write_position_mirrors(corpus: Path) -> int:
+    """Each scene of vqa.position.train.jsonl mirrored along its axis (left and right, or top and
+    bottom, trade places; media/vqa_mirror/), and both the scene and its mirror asked every
+    position question -> vqa.position_mirror.train.jsonl; returns the number of records. A
+    question and its words are the same for a scene and its mirror while the answer flips, so only
+    the picture can tell them apart (assets/model/README.md, item 28)."""
+    from PIL import Image, ImageOps
+
+    labels, out = concept_labels(corpus), []
+    (corpus / "media" / "vqa_mirror").mkdir(parents=True, exist_ok=True)
+    for record, axis in position_scenes(corpus):
+        mirror = Path("media") / "vqa_mirror" / Path(record["media"][0]).name
+        with Image.open(corpus / record["media"][0]) as im:
+            (ImageOps.mirror if axis == "x" else ImageOps.flip)(im.convert("RGB")).save(corpus / mirror)
+        for media, concepts in ((record["media"], record["concepts"]), ([str(mirror)], record["concepts"][::-1])):
+            for question, answers in T.position_qas(tuple(labels[c] for c in concepts), axis):
+                text = T.chunk(T.qa(question, answers[0]))
+                out.append(json.dumps(dict(record, media=media, concepts=concepts, text=text, question=question, answers=answers)) + "\n")
+    (corpus / "vqa.position_mirror.train.jsonl").write_text("".join(out))
+    return len(out)
+
+
 def write_motion_questions(corpus: Path) -> int:
     """videos.train.jsonl's clips that move left, right, up or down, asked about as the test clips
     are ("Question: Which way does the cat move? Answer: left") -> videos_qa.train.jsonl, on the
@@ -172,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     counts["vqa_position"] = write_position_questions(args.corpus)
     counts["position_sides"] = write_position_sides(args.corpus)
     counts["position_all"] = write_position_variants(args.corpus)
+    counts["position_mirror"] = write_position_mirrors(args.corpus)
     counts["videos_qa"] = write_motion_questions(args.corpus)
     counts["vqa_colour"] = write_colour_questions(args.corpus)
     if (args.corpus / "naming.train.jsonl").is_file():
