@@ -366,14 +366,12 @@ def test_global_features_start_at_zero_and_receive_gradient(tmp_path):
         assert torch.allclose(g.encode_media(pixels), before + 0.5, atol=1e-6)  # the same vector on every token
 
 
-def test_grid_tokens_follow_the_latents_and_keep_where_things_are(tmp_path):
-    """resampler.grid_tokens g appends g x g region tokens (pooled frame features): the latents
-    are unchanged, a trained model takes them on, and a picture's mirror image gives the same
-    region tokens in mirrored order; the whole model runs with the longer token list."""
-    from engine.resampler import PerceiverResampler
-
+def _check_added_tokens(tmp_path, option: str) -> FlamingoModel:
+    """A saved tiny model loaded with resampler.<option> = 2 (2 x 2 more tokens): the latents are
+    unchanged, 4 tokens follow them, the whole model runs on them, and they receive gradient
+    (returned with its .grad set)."""
     model = _saved_tiny_model(tmp_path)
-    g = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"resampler": {"grid_tokens": 2}})
+    g = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"resampler": {option: 2}})
     assert g.config.resampler.num_tokens == model.config.resampler.num_latents + 4
     ids, pixels = _inputs(model)
     with torch.no_grad():
@@ -382,6 +380,14 @@ def test_grid_tokens_follow_the_latents_and_keep_where_things_are(tmp_path):
         assert visual.shape[-2] == r + 4 and torch.equal(visual[..., :r, :], before)
         assert torch.isfinite(g(ids, visual).logits).all()
     g.encode_media(pixels)[..., r:, :].pow(2).sum().backward()
+    return g
+
+
+def test_grid_tokens_follow_the_latents_and_keep_where_things_are(tmp_path):
+    """resampler.grid_tokens g appends g x g region tokens (pooled frame features): the latents
+    are unchanged, a trained model takes them on, and a picture's mirror image gives the same
+    region tokens in mirrored order; the whole model runs with the longer token list."""
+    g = _check_added_tokens(tmp_path, "grid_tokens")
     assert g.resampler.region_embeddings.grad.abs().sum() > 0
 
     cfg = ResamplerConfig(depth=1, heads=2, dim_head=8, num_latents=3, grid_tokens=2, spatial_positions=16)
@@ -401,16 +407,7 @@ def test_region_latents_attend_to_their_own_region_only(tmp_path):
     """resampler.region_latents g appends g x g latents, each summarising its own region of the
     grid through the resampler's layers: the latents are unchanged, a trained model takes them
     on, and changing one region's cells changes that region's latent alone."""
-    model = _saved_tiny_model(tmp_path)
-    g = FlamingoModel.from_pretrained(tmp_path / "flamingo", overrides={"resampler": {"region_latents": 2}})
-    assert g.config.resampler.num_tokens == model.config.resampler.num_latents + 4
-    ids, pixels = _inputs(model)
-    with torch.no_grad():
-        visual, before = g.encode_media(pixels), model.encode_media(pixels)
-        r = before.shape[-2]
-        assert visual.shape[-2] == r + 4 and torch.equal(visual[..., :r, :], before)
-        assert torch.isfinite(g(ids, visual).logits).all()
-    g.encode_media(pixels)[..., r:, :].pow(2).sum().backward()
+    g = _check_added_tokens(tmp_path, "region_latents")
     assert g.resampler.region_latent_embeddings.grad.abs().sum() > 0 and g.resampler.region_queries.grad.abs().sum() > 0
 
     cfg = ResamplerConfig(depth=2, heads=2, dim_head=8, num_latents=3, region_latents=2)
