@@ -16,8 +16,8 @@ and in the naming episodes those tokens carried over half of the loss (2.9 nats 
 1.4 for a name shown before, measured on the built-in model), noise that drowned the signal of
 the names that can be read from the context. With ``answers_only``, labels fall only on the
 answers ("Question: q Answer: a<EOC>": the tokens of " a<EOC>"), as VQA fine-tuning usually does:
-a question names the things in the picture, and predicting those names outweighs a one-word
-answer about them twenty to one.
+a question names the things in the picture, and its tokens outnumber a one-word answer's
+many times over.
 """
 from __future__ import annotations
 

@@ -108,8 +108,8 @@ def run_where(model, places: list[dict], questions: list[dict], progress: bool =
     places = [it for it in places if it.get("place") in {n for n, _ in T.PLACES.values()}]
     positions = [it for it in questions if labels is not None and position_choices(it, labels)]
     questions = [it for it in questions if it.get("question") and two_choices(it["question"])]
-    if not places and not questions:
-        raise ValueError("no place-labelled pictures and no two-sided position questions in the data")
+    if not places and not questions and not positions:
+        raise ValueError("no place-labelled pictures and no position questions in the data")
     bank, out = MediaBank(model), {}
     if places:
         out["places"] = {"accuracy": round(place_accuracy(model, places, bank, progress), 4), "n": len(places),
