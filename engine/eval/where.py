@@ -92,7 +92,7 @@ def two_choice_accuracy(model, items: list[dict], bank: MediaBank, progress: boo
 
 def position_accuracy(model, items: list[dict], labels: dict[str, str], bank: MediaBank, progress: bool = True) -> dict:
     """Every position question of two-object scenes between its two choices: overall and by form."""
-    asked = [(it, *position_choices(it, labels)) for it in items if position_choices(it, labels)]
+    asked = [(it, *choice) for it in items if (choice := position_choices(it, labels))]
     right = choice_accuracy(model, [(it, choices) for it, _, choices in asked], bank, progress, "position")
     out = {"accuracy": round(sum(right) / len(right), 4), "n": len(right), "chance": 0.5}
     for form in ("where", "which", "what"):
