@@ -29,6 +29,14 @@ from .config import ResamplerConfig
 from .layers import FeedForward, merge_heads, split_heads
 
 
+def square_side(s: int, option: str) -> int:
+    """The side of a square grid of `s` spatial tokens; ValueError naming `option` if not square."""
+    side = math.isqrt(s)
+    if side * side != s:
+        raise ValueError(f"{option} needs a square grid of spatial tokens per frame, the vision tower gave {s}")
+    return side
+
+
 class PerceiverAttention(nn.Module):
     """Latents attend to concat(media features, latents)."""
 
@@ -122,9 +130,7 @@ class PerceiverResampler(nn.Module):
         the mean over frames, average-pooled to a g x g grid (rows from the top), plus the region
         embeddings."""
         b, m, _, s, dim = x_f.shape
-        side, g = math.isqrt(s), self.config.grid_tokens
-        if side * side != s:
-            raise ValueError(f"grid_tokens needs a square grid of spatial tokens per frame, the vision tower gave {s}")
+        side, g = square_side(s, "grid_tokens"), self.config.grid_tokens
         grid = x_f.mean(dim=2).reshape(b * m, side, side, dim).permute(0, 3, 1, 2)  # (B*M, dim, side, side)
         pooled = F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)  # (B*M, g*g, dim)
         return pooled.reshape(b, m, g * g, dim) + self.region_embeddings
@@ -133,9 +139,7 @@ class PerceiverResampler(nn.Module):
         """(g*g, T*S + g*g) bool: region latent i may attend to the cells of region i of every
         frame (rows from the top; region (r, c) holds cells with row * g // side == r and
         col * g // side == c) and to itself."""
-        side, g = math.isqrt(s), self.config.region_latents
-        if side * side != s:
-            raise ValueError(f"region_latents needs a square grid of spatial tokens per frame, the vision tower gave {s}")
+        side, g = square_side(s, "region_latents"), self.config.region_latents
         cell = torch.arange(s, device=device)
         region = (cell // side * g // side) * g + (cell % side * g // side)  # (S,) region of each cell
         own = region.repeat(t)[None, :] == torch.arange(g * g, device=device)[:, None]  # (g*g, T*S)

@@ -81,16 +81,23 @@ def concept_labels(corpus: Path) -> dict[str, str]:
     return {c["id"]: c["label"] for c in manifest["train_concepts"] + manifest["heldout_concepts"]}
 
 
+def _asked_everything(record: dict, axis: str, labels: dict[str, str]) -> list[str]:
+    """A two-object scene record (its concepts, the left or top one first) -> a JSONL line for each
+    of its position questions (templates.position_qas), on the same picture."""
+    lines = []
+    for question, answers in T.position_qas(tuple(labels[c] for c in record["concepts"]), axis):
+        text = T.chunk(T.qa(question, answers[0]))
+        lines.append(json.dumps(dict(record, text=text, question=question, answers=answers)) + "\n")
+    return lines
+
+
 def write_position_variants(corpus: Path) -> int:
     """vqa.position.train.jsonl's scenes asked every position question (templates.position_qas:
     where each of the two things is, both ways, and what is on each side) ->
     vqa.position_all.train.jsonl, six records per scene on the same picture (the corpus asks
     one); returns their number."""
-    labels, out = concept_labels(corpus), []
-    for record, axis in position_scenes(corpus):
-        for question, answers in T.position_qas(tuple(labels[c] for c in record["concepts"]), axis):
-            text = T.chunk(T.qa(question, answers[0]))
-            out.append(json.dumps(dict(record, text=text, question=question, answers=answers)) + "\n")
+    labels = concept_labels(corpus)
+    out = [line for record, axis in position_scenes(corpus) for line in _asked_everything(record, axis, labels)]
     (corpus / "vqa.position_all.train.jsonl").write_text("".join(out))
     return len(out)
 
@@ -109,10 +116,8 @@ def write_position_mirrors(corpus: Path) -> int:
         mirror = Path("media") / "vqa_mirror" / Path(record["media"][0]).name
         with Image.open(corpus / record["media"][0]) as im:
             (ImageOps.mirror if axis == "x" else ImageOps.flip)(im.convert("RGB")).save(corpus / mirror)
-        for media, concepts in ((record["media"], record["concepts"]), ([str(mirror)], record["concepts"][::-1])):
-            for question, answers in T.position_qas(tuple(labels[c] for c in concepts), axis):
-                text = T.chunk(T.qa(question, answers[0]))
-                out.append(json.dumps(dict(record, media=media, concepts=concepts, text=text, question=question, answers=answers)) + "\n")
+        out += _asked_everything(record, axis, labels)
+        out += _asked_everything(dict(record, media=[str(mirror)], concepts=record["concepts"][::-1]), axis, labels)
     (corpus / "vqa.position_mirror.train.jsonl").write_text("".join(out))
     return len(out)
 
